@@ -1,0 +1,1 @@
+"""Compute backends behind one Protocol (:mod:`.base`), chosen through :mod:`.registry`."""

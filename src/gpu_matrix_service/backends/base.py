@@ -1,0 +1,93 @@
+"""The one small interface every compute backend implements, and what it returns.
+
+A backend owns its devices and their resources (memory pools, streams, library handles) from
+construction to :meth:`Backend.close`. Backends never import FastAPI; the API layer never
+imports a backend module, only :mod:`gpu_matrix_service.backends.registry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from gpu_matrix_service.ops import Op
+
+DeviceKind = Literal["GPU", "CPU"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-request choices. ``allow_tf32``: let float32 matmul use TF32 tensor cores (faster,
+    about 1e-3 relative error); off by default so float32 results are exact float32."""
+
+    allow_tf32: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One device a backend computes on. ``index`` is the CUDA ordinal (-1 for the CPU)."""
+
+    index: int
+    name: str
+    kind: DeviceKind
+
+
+@dataclass
+class Result:
+    """An operation's output and how long each phase took.
+
+    ``timings`` maps phase names to seconds: ``h2d``, ``kernel``, ``d2h`` on a GPU (``compute``
+    on the CPU) and always ``total``, the compute time the API reports as ``elapsed_time``.
+    """
+
+    array: np.ndarray
+    device: DeviceKind
+    device_name: str
+    backend: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def elapsed_time(self) -> float:
+        """Compute time in seconds: transfers plus kernels on a GPU, the NumPy call on a CPU."""
+        return self.timings["total"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What an operation needs from a compute backend.
+
+    ``run`` receives operands already validated by :func:`gpu_matrix_service.ops.plan` and
+    promoted to the result dtype; it returns a :class:`Result` or raises a
+    :class:`gpu_matrix_service.errors.ServiceError` (``DeviceOutOfMemory``, ``BackendFailure``,
+    ``UnsupportedDType`` for a dtype this backend cannot compute). It is called from worker
+    threads, several at once, and must be thread-safe.
+    """
+
+    name: str
+    device_kind: DeviceKind
+
+    def devices(self) -> list[DeviceInfo]:
+        """The devices this backend computes on, in the order it uses them."""
+        ...
+
+    def supports(self, op: Op, dtype: np.dtype) -> bool:
+        """Whether ``run`` computes ``op`` over ``dtype`` on the device (else the CPU does)."""
+        ...
+
+    def empty_host(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A host array to decode an operand into (pinned staging memory on a GPU backend)."""
+        ...
+
+    def run(self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions) -> Result:
+        """Compute ``op(a, b)``; ``a`` and ``b`` already share the result dtype."""
+        ...
+
+    def close(self) -> None:
+        """Release every device resource; the backend is not used afterwards."""
+        ...
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised by a backend's constructor when its probe fails; the message says why, for logs."""

@@ -1,0 +1,83 @@
+"""Service configuration: the only place environment variables are read.
+
+Every field can be set through an environment variable with the ``GMS_`` prefix (``GMS_PORT``,
+``GMS_BACKEND``, ...) or a ``.env`` file, and overridden by the matching CLI flag. Tests build
+their own :class:`Settings` and pass it to :func:`gpu_matrix_service.app.create_app`.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+BackendName = Literal["auto", "cpu", "cuda", "numba"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told. Units are in the field names (bytes, seconds)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GMS_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
+    port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        # PORT as well, because the lab's container sets PORT for ``python3 main.py``.
+        validation_alias=AliasChoices("GMS_PORT", "PORT"),
+        description="TCP port to listen on (GMS_PORT, or PORT).",
+    )
+    workers: int = Field(1, ge=1, description="Server worker processes.")
+    log_level: LogLevel = Field("info", description="Log level of the service and the server.")
+    backend: BackendName = Field(
+        "auto", description="Compute backend: auto picks cuda, then numba, then cpu."
+    )
+    devices: Annotated[list[int] | None, NoDecode] = Field(
+        None, description="GPU ordinals to use, comma-separated (default: every visible GPU)."
+    )
+    fallback: Literal["none", "cpu"] = Field(
+        "none", description="On GPU out-of-memory: answer 507 (none) or compute on the CPU (cpu)."
+    )
+    kernel_lib: Path | None = Field(
+        None, description="Path of the CUDA C library (default: the one built into the package)."
+    )
+    max_upload_bytes: int = Field(
+        1024 * MiB, ge=1, description="Largest request body accepted, in bytes (413 beyond)."
+    )
+    max_array_elements: int = Field(
+        1 << 28, ge=1, description="Most elements one operand may hold (413 beyond)."
+    )
+    max_array_dims: int = Field(8, ge=1, le=32, description="Most dimensions one operand may have.")
+    max_json_result_elements: int = Field(
+        1 << 20, ge=0, description="Most elements returned inline with ?result=json (413 beyond)."
+    )
+    compute_threads: int = Field(
+        4, ge=1, description="Worker threads that run computations off the event loop."
+    )
+    instance: str | None = Field(
+        None, description="Instance name for metrics (default: host name and port)."
+    )
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _parse_devices(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if value in ("", "all"):
+                return None
+            return [int(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def instance_name(self) -> str:
+        """The instance label: ``GMS_INSTANCE`` or ``<hostname>:<port>``."""
+        return self.instance or f"{socket.gethostname()}:{self.port}"
