@@ -32,7 +32,7 @@ class BadArrayInput(ServiceError):
 
 
 class ShapeMismatch(ServiceError):
-    """The two operands' shapes do not fit the operation (elementwise: equal; matmul: inner dims)."""
+    """The operands' shapes do not fit the operation (elementwise: equal; matmul: inner dims)."""
 
     status_code = 400
 

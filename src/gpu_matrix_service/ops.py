@@ -41,7 +41,9 @@ class Op:
                     f"and {list(b_shape)}"
                 )
             if len(a_shape) == 0:
-                raise ShapeMismatch(f"{self.name} needs arrays of at least 1 dimension, got scalars")
+                raise ShapeMismatch(
+                    f"{self.name} needs arrays of at least 1 dimension, got scalars"
+                )
             return a_shape
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise ShapeMismatch(

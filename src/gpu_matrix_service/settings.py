@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     max_array_elements: int = Field(
         1 << 28, ge=1, description="Most elements one operand may hold (413 beyond)."
     )
+    max_array_bytes: int = Field(
+        2048 * MiB, ge=1, description="Most data bytes one operand may hold once inflated (413)."
+    )
     max_array_dims: int = Field(8, ge=1, le=32, description="Most dimensions one operand may have.")
     max_json_result_elements: int = Field(
         1 << 20, ge=0, description="Most elements returned inline with ?result=json (413 beyond)."

@@ -1,0 +1,148 @@
+"""The FastAPI app factory: wires settings, the compute backend, NVML, routes and metrics.
+
+``create_app(settings)`` builds an app; its lifespan creates the owned resources (compute
+service with its backend and threads, NVML session) at start-up and releases them at
+shutdown. ``uvicorn --factory gpu_matrix_service.app:create_app`` works too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gpu_matrix_service import __version__
+from gpu_matrix_service.backends.base import Backend
+from gpu_matrix_service.compute import ComputeService
+from gpu_matrix_service.errors import ServiceError
+from gpu_matrix_service.gpu import GpuMonitor
+from gpu_matrix_service.metrics import GpuCollector, ServiceMetrics
+from gpu_matrix_service.routes import health, metrics, ops
+from gpu_matrix_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+UNMATCHED = "<unmatched>"
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (``/v1/ops/{op}``), never the raw path."""
+    return getattr(scope.get("route"), "path", UNMATCHED)
+
+
+class RequestMetricsMiddleware:
+    """Counts and times every HTTP request by method, route template and status code."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.requests_in_flight.inc()
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            self.metrics.requests_in_flight.dec()
+            endpoint = route_template(scope)
+            method = scope["method"]
+            self.metrics.request_count.labels(method, endpoint, str(status)).inc()
+            self.metrics.request_latency.labels(method, endpoint).observe(
+                time.perf_counter() - start
+            )
+
+
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
+    """Build the service. ``backend`` replaces the one ``settings.backend`` would select."""
+    settings = settings or Settings()
+    service_metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        monitor = GpuMonitor()
+        compute = ComputeService(settings, backend)
+        if compute.skipped_backends:
+            log.info("backends skipped: %s", "; ".join(compute.skipped_backends))
+        log.info(
+            "computing on %s (%s): %s",
+            compute.backend.name,
+            compute.backend.device_kind,
+            ", ".join(d.name for d in compute.backend.devices()),
+        )
+        service_metrics.registry.register(GpuCollector(monitor))
+        service_metrics.service_info.labels(
+            __version__, compute.backend.name, settings.instance_name
+        ).set(1)
+        app.state.gpu, app.state.compute = monitor, compute
+        try:
+            yield
+        finally:
+            app.state.compute = None
+            compute.close()
+            monitor.close()
+
+    app = FastAPI(
+        title="gpu-matrix-service",
+        version=__version__,
+        summary="Matrix operations on the GPU over HTTP: upload two .npz/.npy arrays, get the "
+        "result's shape and timing, or the result itself.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = service_metrics
+    app.include_router(ops.router)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.add_middleware(RequestMetricsMiddleware, metrics=service_metrics)
+    _install_error_handlers(app, service_metrics)
+    return app
+
+
+def _install_error_handlers(app: FastAPI, service_metrics: ServiceMetrics) -> None:
+    """One mapping from our errors (and FastAPI's validation errors) to status + JSON detail."""
+
+    def record(request: Request, reason: str) -> None:
+        service_metrics.request_errors.labels(route_template(request.scope), reason).inc()
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        record(request, type(exc).__name__)
+        log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.detail)
+        return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        record(request, "RequestValidationError")
+        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody reads this answer; 499 (nginx's "client closed request") keeps metrics honest.
+        record(request, "ClientDisconnect")
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: log it whole, answer without internals, keep serving.
+        record(request, type(exc).__name__)
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; see the service log"}, status_code=500)

@@ -1,0 +1,202 @@
+"""``POST /add`` (the lab contract) and ``POST /v1/ops/{op}``: two arrays in, a result out."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum, StrEnum
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from gpu_matrix_service.arrays import encode_npy, encode_npz
+from gpu_matrix_service.backends.base import Result, RunOptions
+from gpu_matrix_service.compute import NamedBytes
+from gpu_matrix_service.errors import PayloadTooLarge
+from gpu_matrix_service.ops import OPS, Op, get_op
+from gpu_matrix_service.routes.state import compute_service, service_metrics, settings_of
+from gpu_matrix_service.uploads import read_multipart
+
+router = APIRouter(tags=["operations"])
+
+NPZ_MEDIA_TYPE = "application/x-npz"
+NPY_MEDIA_TYPE = "application/x-npy"
+
+OpName = Enum("OpName", {name: name for name in OPS}, type=str)  # type: ignore[misc]
+
+
+class ResultFormat(StrEnum):
+    """How the result itself comes back, besides the timing summary."""
+
+    npz = "npz"
+    npy = "npy"
+    json = "json"
+
+
+class OpResponse(BaseModel):
+    """The lab's three fields first, then what helps: backend, dtype and per-phase timings."""
+
+    matrix_shape: list[int] = Field(description="Shape of the result, e.g. [rows, cols].")
+    elapsed_time: float = Field(
+        description="Compute time in seconds (transfers and kernel on a GPU), not the upload."
+    )
+    device: str = Field(description='"GPU" or "CPU": where the operation ran.')
+    op: str
+    backend: str = Field(description="Backend that computed it: cuda, numba or cpu.")
+    device_name: str
+    dtype: str = Field(description="Result dtype (NumPy's promotion of the operands).")
+    timings: dict[str, float] = Field(description="Seconds per phase: decode, h2d, kernel, d2h...")
+    result: list[Any] | None = Field(None, description="The result, with ?result=json only.")
+
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file_a": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "First operand, .npz or .npy.",
+                        },
+                        "file_b": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "Second operand, .npz or .npy.",
+                        },
+                    },
+                    "required": ["file_a", "file_b"],
+                    "description": "Two file parts. Other field names (matrix1/matrix2, "
+                    "a/b...) are accepted too and taken in order.",
+                }
+            }
+        },
+    }
+}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": OpResponse,
+        "description": "The result's shape and timing (JSON), or the result itself as .npz/.npy "
+        "with ?result=npz|npy or an Accept header; timings then come as X- headers.",
+        "content": {NPZ_MEDIA_TYPE: {}, NPY_MEDIA_TYPE: {}},
+    },
+    400: {"description": "Bad input: mismatched shapes, not an array file, wrong file count."},
+    413: {"description": "Body, array or dimensions over a limit."},
+    415: {"description": "Not multipart/form-data, or a non-numeric dtype."},
+    507: {"description": "The GPU ran out of memory."},
+}
+ResultQuery = Query(None, description="Return the result itself: npz, npy or json.")
+Tf32Query = Query(False, description="matmul: allow TF32 tensor cores (faster, ~1e-3 error).")
+
+
+@router.post("/add", summary="Add two matrices (the lab contract)", openapi_extra=UPLOAD_BODY,
+             responses=RESPONSES, response_model=None)  # fmt: skip
+async def add(
+    request: Request, result: ResultFormat | None = ResultQuery, allow_tf32: bool = Tf32Query
+) -> Response:
+    """Elementwise ``a + b`` of two uploaded arrays of the same shape; same as ``/v1/ops/add``."""
+    return await run_op(request, get_op("add"), result, allow_tf32)
+
+
+@router.post("/v1/ops/{op}", summary="Apply an operation to two matrices",
+             openapi_extra=UPLOAD_BODY, responses=RESPONSES, response_model=None)  # fmt: skip
+async def apply_op(
+    request: Request,
+    op: OpName,  # type: ignore[valid-type]
+    result: ResultFormat | None = ResultQuery,
+    allow_tf32: bool = Tf32Query,
+) -> Response:
+    """``add``, ``subtract``, ``multiply`` (elementwise, equal shapes) or ``matmul`` (2-D)."""
+    return await run_op(request, get_op(op.value), result, allow_tf32)
+
+
+async def run_op(
+    request: Request, op: Op, result_format: ResultFormat | None, allow_tf32: bool
+) -> Response:
+    """Read the upload, compute, and answer in the format the client asked for."""
+    settings = settings_of(request)
+    upload = await read_multipart(
+        request.stream(),
+        content_type=request.headers.get("content-type"),
+        content_length=request.headers.get("content-length"),
+        max_bytes=settings.max_upload_bytes,
+    )
+    service_metrics(request).upload_bytes.labels(endpoint=_endpoint(request)).observe(
+        upload.body_bytes
+    )
+    a, b = upload.operands()
+    outcome, decode_seconds = await compute_service(request).compute(
+        op, NamedBytes(a.name, a.data), NamedBytes(b.name, b.data), RunOptions(allow_tf32)
+    )
+    timings = {"decode": decode_seconds, **outcome.timings}
+    _observe(request, op, outcome, timings)
+    fmt = result_format or _format_from_accept(request.headers.get("accept", ""))
+    if fmt in (ResultFormat.npz, ResultFormat.npy):
+        return _array_response(outcome, op, timings, fmt)
+    body = _summary(outcome, op, timings)
+    if fmt is ResultFormat.json:
+        if outcome.array.size > settings.max_json_result_elements:
+            raise PayloadTooLarge(
+                f"result has {outcome.array.size} elements, more than "
+                f"{settings.max_json_result_elements} for ?result=json; use ?result=npz"
+            )
+        body["result"] = outcome.array.tolist()
+    return JSONResponse(body)
+
+
+def _summary(outcome: Result, op: Op, timings: dict[str, float]) -> dict[str, Any]:
+    return {
+        "matrix_shape": list(outcome.array.shape),
+        "elapsed_time": outcome.elapsed_time,
+        "device": outcome.device,
+        "op": op.name,
+        "backend": outcome.backend,
+        "device_name": outcome.device_name,
+        "dtype": str(outcome.array.dtype),
+        "timings": timings,
+    }
+
+
+def _array_response(
+    outcome: Result, op: Op, timings: dict[str, float], fmt: ResultFormat
+) -> Response:
+    if fmt is ResultFormat.npz:
+        content, media_type = encode_npz(outcome.array), NPZ_MEDIA_TYPE
+    else:
+        content, media_type = encode_npy(outcome.array), NPY_MEDIA_TYPE
+    headers = {
+        "X-Elapsed-Time": repr(outcome.elapsed_time),
+        "X-Device": outcome.device,
+        "X-Backend": outcome.backend,
+        "X-Op": op.name,
+        "X-Matrix-Shape": ",".join(str(n) for n in outcome.array.shape),
+        "X-Dtype": str(outcome.array.dtype),
+        "X-Timings": json.dumps(timings, separators=(",", ":")),
+    }
+    return Response(content, media_type=media_type, headers=headers)
+
+
+def _format_from_accept(accept: str) -> ResultFormat | None:
+    if NPZ_MEDIA_TYPE in accept:
+        return ResultFormat.npz
+    if NPY_MEDIA_TYPE in accept:
+        return ResultFormat.npy
+    return None
+
+
+def _endpoint(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", "<unmatched>")
+
+
+def _observe(request: Request, op: Op, outcome: Result, timings: dict[str, float]) -> None:
+    metrics = service_metrics(request)
+    for phase, seconds in timings.items():
+        metrics.compute_seconds.labels(op.name, outcome.backend, outcome.device, phase).observe(
+            seconds
+        )
+    metrics.elements_processed.labels(op.name, outcome.backend).inc(outcome.array.size)

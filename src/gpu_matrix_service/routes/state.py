@@ -1,0 +1,34 @@
+"""Typed access to what the app's lifespan created (the handlers' only view of the core)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from gpu_matrix_service.compute import ComputeService
+from gpu_matrix_service.gpu import GpuMonitor
+from gpu_matrix_service.metrics import ServiceMetrics
+from gpu_matrix_service.settings import Settings
+
+
+def compute_service(request: Request) -> ComputeService:
+    """The app's :class:`ComputeService`."""
+    service: ComputeService = request.app.state.compute
+    return service
+
+
+def gpu_monitor(request: Request) -> GpuMonitor:
+    """The app's NVML session."""
+    monitor: GpuMonitor = request.app.state.gpu
+    return monitor
+
+
+def service_metrics(request: Request) -> ServiceMetrics:
+    """The app's metrics."""
+    metrics: ServiceMetrics = request.app.state.metrics
+    return metrics
+
+
+def settings_of(request: Request) -> Settings:
+    """The app's settings."""
+    settings: Settings = request.app.state.settings
+    return settings
