@@ -11,7 +11,7 @@ try:
 except ImportError:  # a plain checkout, not installed: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from gpu_matrix_service.cli import serve
-
 if __name__ == "__main__":
-    serve(host=None, port=None, backend=None, workers=None, log_level=None)
+    from gpu_matrix_service.cli import app
+
+    app(["serve"])

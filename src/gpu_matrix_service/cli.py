@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gpu_matrix_service import __version__
@@ -22,10 +23,9 @@ app = typer.Typer(
     name="gpu-matrix-service",
     help="Matrix operations on the GPU behind an HTTP API.",
     no_args_is_help=True,
-    pretty_exit_exceptions=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 UrlOption = Annotated[
     str, typer.Option("--url", envvar="GMS_URL", help="Base URL of a running service.")
@@ -55,22 +55,38 @@ def _uvicorn_log_config(level: str) -> dict[str, Any]:
     return config
 
 
+def _opt(kind: type, env: str, text: str) -> Any:
+    return Annotated[kind | None, typer.Option(help=f"{text} [{env}]", show_default=False)]
+
+
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Address to listen on [GMS_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [GMS_PORT or PORT].")] = None,
-    backend: Annotated[
-        str | None, typer.Option(help="auto, cuda, numba or cpu [GMS_BACKEND].")
-    ] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes [GMS_WORKERS].")] = None,
-    log_level: Annotated[str | None, typer.Option(help="Log level [GMS_LOG_LEVEL].")] = None,
+    host: _opt(str, "GMS_HOST", "Address to listen on.") = None,
+    port: _opt(int, "GMS_PORT or PORT", "Port.") = None,
+    backend: _opt(str, "GMS_BACKEND", "auto, cuda, numba or cpu.") = None,
+    workers: _opt(int, "GMS_WORKERS", "Worker processes.") = None,
+    log_level: _opt(str, "GMS_LOG_LEVEL", "critical, error, warning, info or debug.") = None,
+    devices: _opt(str, "GMS_DEVICES", "GPU ordinals, e.g. 0,1 (default: all).") = None,
+    fallback: _opt(str, "GMS_FALLBACK", "On GPU out-of-memory: none (507) or cpu.") = None,
+    kernel_lib: _opt(Path, "GMS_KERNEL_LIB", "Path of the CUDA C library.") = None,
+    max_upload_bytes: _opt(int, "GMS_MAX_UPLOAD_BYTES", "Largest request body.") = None,
+    max_array_elements: _opt(int, "GMS_MAX_ARRAY_ELEMENTS", "Most elements per operand.") = None,
+    max_array_bytes: _opt(int, "GMS_MAX_ARRAY_BYTES", "Most data bytes per operand.") = None,
+    max_array_dims: _opt(int, "GMS_MAX_ARRAY_DIMS", "Most dimensions per operand.") = None,
+    max_json_result_elements: _opt(
+        int, "GMS_MAX_JSON_RESULT_ELEMENTS", "Most elements for ?result=json."
+    ) = None,
+    compute_threads: _opt(int, "GMS_COMPUTE_THREADS", "Threads running computations.") = None,
+    instance: _opt(str, "GMS_INSTANCE", "Instance name for metrics.") = None,
 ) -> None:
-    """Start the HTTP service (on the GPU when one works, else the CPU)."""
+    """Start the HTTP service (on the GPU when one works, else the CPU).
+
+    Every option overrides the GMS_ environment variable in brackets; see the README's
+    configuration table.
+    """
     import uvicorn
 
-    settings = _apply_overrides(
-        host=host, port=port, backend=backend, workers=workers, log_level=log_level
-    )
+    settings = _apply_overrides(**{k: v for k, v in locals().items() if k != "uvicorn"})
     uvicorn.run(
         "gpu_matrix_service.app:create_app",
         factory=True,
@@ -150,10 +166,10 @@ def _call_service(url: str, action: Any) -> Any:
         with Client(url) as client:
             return action(client)
     except ServiceResponseError as exc:
-        err_console.print(f"[red]error[/red] HTTP {exc.status_code}: {exc.detail}")
+        err_console.print(f"[red]error[/red] HTTP {exc.status_code}: {escape(str(exc.detail))}")
         raise typer.Exit(1) from None
     except httpx.HTTPError as exc:
-        err_console.print(f"[red]error[/red] cannot reach {url}: {exc}")
+        err_console.print(f"[red]error[/red] cannot reach {url}: {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 

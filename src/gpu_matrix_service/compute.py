@@ -43,7 +43,7 @@ class ComputeService:
         if backend is None:
             backend, self.skipped_backends = select_backend(settings)
         self.backend = backend
-        self.cpu = backend if isinstance(backend, CpuBackend) else CpuBackend(settings)
+        self.cpu = backend if backend.device_kind == "CPU" else CpuBackend(settings)
         self.limits = ArrayLimits(
             max_bytes=settings.max_array_bytes,
             max_elements=settings.max_array_elements,
