@@ -23,7 +23,7 @@ from gpu_matrix_service import __version__
 from gpu_matrix_service.backends.base import Backend
 from gpu_matrix_service.compute import ComputeService
 from gpu_matrix_service.errors import ServiceError
-from gpu_matrix_service.gpu import GpuMonitor
+from gpu_matrix_service.gpu import GpuMonitor, this_process, this_process_and_siblings
 from gpu_matrix_service.metrics import GpuCollector, ServiceMetrics
 from gpu_matrix_service.routes import health, metrics, ops
 from gpu_matrix_service.settings import Settings
@@ -74,21 +74,20 @@ class RequestMetricsMiddleware:
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
     """Build the service. ``backend`` replaces the one ``settings.backend`` would select."""
     settings = settings or Settings()
-    service_metrics = ServiceMetrics()
+    multi = settings.metrics_dir is not None
+    service_metrics = ServiceMetrics(settings.metrics_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        monitor = GpuMonitor()
+        monitor = GpuMonitor(service_pids=this_process_and_siblings if multi else this_process)
         compute = ComputeService(settings, backend)
-        if compute.skipped_backends:
-            log.info("backends skipped: %s", "; ".join(compute.skipped_backends))
         log.info(
             "computing on %s (%s): %s",
             compute.backend.name,
             compute.backend.device_kind,
             ", ".join(d.name for d in compute.backend.devices()),
         )
-        service_metrics.registry.register(GpuCollector(monitor))
+        service_metrics.add_collector(GpuCollector(monitor))
         service_metrics.service_info.labels(
             __version__, compute.backend.name, settings.instance_name
         ).set(1)
@@ -99,6 +98,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             app.state.compute = None
             compute.close()
             monitor.close()
+            service_metrics.close()
 
     app = FastAPI(
         title="gpu-matrix-service",

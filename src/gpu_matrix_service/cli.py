@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -77,6 +78,7 @@ def serve(
         int, "GMS_MAX_JSON_RESULT_ELEMENTS", "Most elements for ?result=json."
     ) = None,
     compute_threads: _opt(int, "GMS_COMPUTE_THREADS", "Threads running computations.") = None,
+    metrics_dir: _opt(Path, "GMS_METRICS_DIR", "Multiprocess metrics directory.") = None,
     instance: _opt(str, "GMS_INSTANCE", "Instance name for metrics.") = None,
 ) -> None:
     """Start the HTTP service (on the GPU when one works, else the CPU).
@@ -87,6 +89,8 @@ def serve(
     import uvicorn
 
     settings = _apply_overrides(**{k: v for k, v in locals().items() if k != "uvicorn"})
+    if settings.workers > 1:
+        settings = _prepare_multiprocess_metrics(settings)
     uvicorn.run(
         "gpu_matrix_service.app:create_app",
         factory=True,
@@ -96,6 +100,20 @@ def serve(
         log_level=settings.log_level,
         log_config=_uvicorn_log_config(settings.log_level),
     )
+
+
+def _prepare_multiprocess_metrics(settings: Settings) -> Settings:
+    """Give the workers one fresh directory for prometheus-client's multiprocess files.
+
+    prometheus-client reads PROMETHEUS_MULTIPROC_DIR when it is imported, so it must be in
+    the environment before the workers start; stale files from an earlier run are removed.
+    """
+    directory = settings.metrics_dir or Path(tempfile.mkdtemp(prefix="gms-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return _apply_overrides(metrics_dir=directory)
 
 
 def _print_result(out: OpResult, output: Path | None) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -65,10 +67,37 @@ def _load_pynvml() -> ModuleType | None:
     return pynvml
 
 
-class GpuMonitor:
-    """An NVML session. Calls are cheap (microseconds each) and serialised by a lock."""
+def this_process() -> set[int]:
+    """The PIDs whose GPU memory counts as this service's: just this process."""
+    return {os.getpid()}
 
-    def __init__(self, nvml: ModuleType | None = None) -> None:
+
+def this_process_and_siblings() -> set[int]:
+    """This process and its parent's other children: the service's server workers.
+
+    Read from ``/proc/<ppid>/task/<ppid>/children`` (Linux); only this process elsewhere.
+    """
+    parent = os.getppid()
+    try:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except OSError:
+        return this_process()
+    return {os.getpid(), *(int(pid) for pid in children)}
+
+
+class GpuMonitor:
+    """An NVML session. Calls are cheap (microseconds each) and serialised by a lock.
+
+    ``service_pids`` names the processes whose GPU memory is "this service's" (several server
+    workers share one service); ``nvml`` replaces the pynvml module, for tests.
+    """
+
+    def __init__(
+        self,
+        nvml: ModuleType | None = None,
+        service_pids: Callable[[], Collection[int]] = this_process,
+    ) -> None:
+        self._service_pids = service_pids
         self._nvml = nvml if nvml is not None else _load_pynvml()
         self._lock = threading.Lock()
         self.reason: str | None = None
@@ -138,13 +167,13 @@ class GpuMonitor:
             return None
 
     def _process_memory(self, handle: object) -> int | None:
-        """GPU memory this process holds on the device, in bytes (0 when it holds none)."""
+        """GPU memory the service's processes hold on the device, in bytes (0 when none)."""
         assert self._nvml is not None
         processes = self._optional(lambda: self._nvml.nvmlDeviceGetComputeRunningProcesses(handle))
         if processes is None:
             return None
-        pid = os.getpid()
-        used = [p.usedGpuMemory for p in processes if p.pid == pid]
+        pids = self._service_pids()
+        used = [p.usedGpuMemory for p in processes if p.pid in pids]
         return int(sum(u for u in used if u is not None))
 
     def close(self) -> None:

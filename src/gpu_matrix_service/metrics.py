@@ -3,11 +3,17 @@
 Each app gets its own :class:`ServiceMetrics` (and registry), so tests can build many apps in
 one process. GPU readings come from :class:`GpuCollector`, which asks NVML when Prometheus
 scrapes; without a GPU its series are simply absent.
+
+With several server workers, prometheus-client's multiprocess mode is used: each worker
+writes its values to files under ``multiprocess_dir`` (the CLI sets that up, together with
+``PROMETHEUS_MULTIPROC_DIR``, before the workers start) and a scrape of any worker merges them.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,6 +23,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -39,8 +46,10 @@ disable_created_metrics()
 class ServiceMetrics:
     """The service's request and compute metrics, in a registry of their own."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry(auto_describe=True)
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._scrape_time_collectors: list[Collector] = []
         r = self.registry
         self.request_count = Counter(
             "request_count",
@@ -62,7 +71,10 @@ class ServiceMetrics:
             registry=r,
         )
         self.requests_in_flight = Gauge(
-            "requests_in_flight", "HTTP requests being handled right now.", registry=r
+            "requests_in_flight",
+            "HTTP requests being handled right now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.upload_bytes = Histogram(
             "upload_bytes",
@@ -90,11 +102,30 @@ class ServiceMetrics:
             "Constant 1, labelled with the version, backend and instance name.",
             ["version", "backend", "instance"],
             registry=r,
+            multiprocess_mode="livemax",
         )
 
+    def add_collector(self, collector: Collector) -> None:
+        """Add a collector read at scrape time (GPU readings), in either mode."""
+        if self.multiprocess_dir is None:
+            self.registry.register(collector)
+        else:
+            self._scrape_time_collectors.append(collector)
+
     def render(self) -> bytes:
-        """The registry in Prometheus' text exposition format."""
-        return generate_latest(self.registry)
+        """All metrics in Prometheus' text exposition format (merged across workers)."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=str(self.multiprocess_dir))
+        for collector in self._scrape_time_collectors:
+            merged.register(collector)
+        return generate_latest(merged)
+
+    def close(self) -> None:
+        """In multiprocess mode, drop this worker's live gauges (it is exiting)."""
+        if self.multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), path=str(self.multiprocess_dir))
 
 
 class GpuCollector(Collector):

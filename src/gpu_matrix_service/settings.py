@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     compute_threads: int = Field(
         4, ge=1, description="Worker threads that run computations off the event loop."
     )
+    metrics_dir: Path | None = Field(
+        None,
+        description="Directory for multiprocess metrics files; serve sets one up when "
+        "workers > 1 (and PROMETHEUS_MULTIPROC_DIR with it).",
+    )
     instance: str | None = Field(
         None, description="Instance name for metrics (default: host name and port)."
     )
