@@ -12,14 +12,16 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpu_matrix_service import __version__
+from gpu_matrix_service.auth import require_token
 from gpu_matrix_service.backends.base import Backend
 from gpu_matrix_service.compute import ComputeService
 from gpu_matrix_service.errors import ServiceError
@@ -109,9 +111,18 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     )
     app.state.settings = settings
     app.state.metrics = service_metrics
-    app.include_router(ops.router)
+    app.include_router(ops.router, dependencies=[Depends(require_token)])
     app.include_router(health.router)
-    app.include_router(metrics.router)
+    metrics_guard = [Depends(require_token)] if settings.metrics_auth else []
+    app.include_router(metrics.router, dependencies=metrics_guard)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=[*ops.RESULT_HEADERS],
+        )
     app.add_middleware(RequestMetricsMiddleware, metrics=service_metrics)
     _install_error_handlers(app, service_metrics)
     return app

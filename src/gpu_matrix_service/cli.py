@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +32,8 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
+APP_FACTORY = "gpu_matrix_service.app:create_app"
+
 UrlOption = Annotated[
     str, typer.Option("--url", envvar="GMS_URL", help="Base URL of a running service.")
 ]
@@ -42,6 +48,33 @@ def _apply_overrides(**overrides: Any) -> Settings:
         if value is not None:
             os.environ[f"GMS_{key.upper()}"] = str(value)
     return Settings()
+
+
+def _graceful_server_class() -> type:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, except that a SIGTERM/SIGINT shutdown ends with exit code 0.
+
+        uvicorn re-raises the signal after its graceful shutdown, so the process dies by
+        signal (exit -15) even when every request finished; orchestrators and CI read that as
+        a crash. This handles the same signals the same way, without the re-raise.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
 
 
 def _uvicorn_log_config(level: str) -> dict[str, Any]:
@@ -78,6 +111,20 @@ def serve(
         int, "GMS_MAX_JSON_RESULT_ELEMENTS", "Most elements for ?result=json."
     ) = None,
     compute_threads: _opt(int, "GMS_COMPUTE_THREADS", "Threads running computations.") = None,
+    max_queued: _opt(int, "GMS_MAX_QUEUED", "Requests that may wait; beyond, 503.") = None,
+    compute_timeout_seconds: _opt(
+        float, "GMS_COMPUTE_TIMEOUT_SECONDS", "Per-request compute timeout (504)."
+    ) = None,
+    shutdown_timeout_seconds: _opt(
+        float, "GMS_SHUTDOWN_TIMEOUT_SECONDS", "Grace for in-flight requests on SIGTERM."
+    ) = None,
+    api_tokens: _opt(
+        str,
+        "GMS_API_TOKENS",
+        "Bearer tokens, comma-separated (prefer the variable: flags show in ps).",
+    ) = None,
+    metrics_auth: _opt(bool, "GMS_METRICS_AUTH", "Require a token on /metrics too.") = None,
+    cors_origins: _opt(str, "GMS_CORS_ORIGINS", "CORS origins, comma-separated.") = None,
     metrics_dir: _opt(Path, "GMS_METRICS_DIR", "Multiprocess metrics directory.") = None,
     instance: _opt(str, "GMS_INSTANCE", "Instance name for metrics.") = None,
 ) -> None:
@@ -91,15 +138,21 @@ def serve(
     settings = _apply_overrides(**{k: v for k, v in locals().items() if k != "uvicorn"})
     if settings.workers > 1:
         settings = _prepare_multiprocess_metrics(settings)
-    uvicorn.run(
-        "gpu_matrix_service.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        log_config=_uvicorn_log_config(settings.log_level),
-    )
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": settings.host,
+        "port": settings.port,
+        "workers": settings.workers,
+        "log_level": settings.log_level,
+        "log_config": _uvicorn_log_config(settings.log_level),
+        # On SIGTERM: stop accepting, let in-flight requests finish, then run the lifespan
+        # shutdown that releases GPU memory.
+        "timeout_graceful_shutdown": settings.shutdown_timeout_seconds,
+    }
+    if settings.workers > 1:  # uvicorn's supervisor process manages the workers' signals
+        uvicorn.run(APP_FACTORY, **options)
+    else:
+        _graceful_server_class()(uvicorn.Config(APP_FACTORY, **options)).run()
 
 
 def _prepare_multiprocess_metrics(settings: Settings) -> Settings:

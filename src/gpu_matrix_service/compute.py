@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +22,58 @@ from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.backends.base import Backend, Result, RunOptions
 from gpu_matrix_service.backends.cpu import CpuBackend
 from gpu_matrix_service.backends.registry import select_backend
-from gpu_matrix_service.errors import DeviceOutOfMemory
+from gpu_matrix_service.errors import ComputeTimeout, DeviceOutOfMemory, ServiceOverloaded
 from gpu_matrix_service.ops import Op, plan
 from gpu_matrix_service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class Admission:
+    """Counts requests from admission until their computation has really finished.
+
+    At most ``limit`` (compute threads + queue) are admitted; the next is refused at once with
+    503 and ``Retry-After``, before its body is read. A computation that outlives its timeout
+    keeps its place until its thread is done, so timeouts cannot pile work up.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> Ticket:
+        """Admit one request, or raise :class:`ServiceOverloaded`."""
+        with self._lock:
+            if self.active >= self.limit:
+                raise ServiceOverloaded(
+                    f"too many requests in progress ({self.limit}); retry shortly",
+                    retry_after_seconds=1,
+                )
+            self.active += 1
+        return Ticket(self)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+
+class Ticket:
+    """One admitted request's place; released exactly once, from any thread."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._lock = threading.Lock()
+        self._released = False
+        self.handed_to_worker = False
+
+    def release(self) -> None:
+        """Give the place back (idempotent)."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._admission._leave()
 
 
 @dataclass(frozen=True)
@@ -52,13 +102,36 @@ class ComputeService:
         self._executor = ThreadPoolExecutor(
             max_workers=settings.compute_threads, thread_name_prefix="gms-compute"
         )
+        self.admission = Admission(settings.compute_threads + settings.max_queued)
+
+    @contextmanager
+    def admit(self) -> Iterator[Ticket]:
+        """Hold a place for one request (503 when full) until its computation finishes."""
+        ticket = self.admission.enter()
+        try:
+            yield ticket
+        finally:
+            if not ticket.handed_to_worker:
+                ticket.release()
 
     async def compute(
-        self, op: Op, a: NamedBytes, b: NamedBytes, options: RunOptions
+        self, op: Op, a: NamedBytes, b: NamedBytes, options: RunOptions, ticket: Ticket
     ) -> tuple[Result, float]:
-        """Decode both operands and compute ``op``; returns the result and the decode seconds."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.compute_sync, op, a, b, options)
+        """Decode both operands and compute ``op`` on a worker thread.
+
+        Returns the result and the decode seconds; :class:`ComputeTimeout` (504) when waiting
+        and computing take longer than ``compute_timeout_seconds``.
+        """
+        future = self._executor.submit(self.compute_sync, op, a, b, options)
+        ticket.handed_to_worker = True
+        future.add_done_callback(lambda _: ticket.release())
+        timeout = self.settings.compute_timeout_seconds
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except TimeoutError:
+            raise ComputeTimeout(
+                f"{op.name} did not finish within {timeout:g} s (GMS_COMPUTE_TIMEOUT_SECONDS)"
+            ) from None
 
     def compute_sync(
         self, op: Op, a: NamedBytes, b: NamedBytes, options: RunOptions

@@ -25,6 +25,19 @@ class BadRequest(ServiceError):
     status_code = 400
 
 
+class Unauthorized(ServiceError):
+    """No bearer token, or one the service does not accept."""
+
+    status_code = 401
+
+    def __init__(self, detail: str, invalid: bool = False) -> None:
+        super().__init__(detail)
+        challenge = 'Bearer realm="gpu-matrix-service"'
+        if invalid:
+            challenge += ', error="invalid_token"'
+        self.headers = {"WWW-Authenticate": challenge}
+
+
 class BadArrayInput(ServiceError):
     """An upload is not a readable ``.npy``/``.npz``, or it is corrupt or truncated."""
 

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BackendName = Literal["auto", "cpu", "cuda", "numba"]
@@ -66,6 +66,26 @@ class Settings(BaseSettings):
     compute_threads: int = Field(
         4, ge=1, description="Worker threads that run computations off the event loop."
     )
+    max_queued: int = Field(
+        64,
+        ge=0,
+        description="Requests that may wait for a compute thread; beyond, 503 with Retry-After.",
+    )
+    compute_timeout_seconds: float = Field(
+        300.0, gt=0, description="Longest a request may wait for and run its computation (504)."
+    )
+    shutdown_timeout_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests may still take."
+    )
+    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens accepted on the compute endpoints, comma-separated "
+        "(none: no authentication).",
+    )
+    metrics_auth: bool = Field(False, description="Require a token on /metrics as well.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS, comma-separated (none: off)."
+    )
     metrics_dir: Path | None = Field(
         None,
         description="Directory for multiprocess metrics files; serve sets one up when "
@@ -74,6 +94,13 @@ class Settings(BaseSettings):
     instance: str | None = Field(
         None, description="Instance name for metrics (default: host name and port)."
     )
+
+    @field_validator("api_tokens", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("devices", mode="before")
     @classmethod

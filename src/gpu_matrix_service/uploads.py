@@ -132,7 +132,7 @@ class _PartCollector:
             return
         if not part.is_file and len(part.data) + (end - start) > MAX_TEXT_FIELD_BYTES:
             raise BadRequest(f"text field {part.name!r} is longer than {MAX_TEXT_FIELD_BYTES}")
-        part.data += data[start:end]
+        part.data += memoryview(data)[start:end]  # no intermediate bytes copy
 
 
 def multipart_boundary(content_type: str | None) -> bytes:

@@ -22,6 +22,10 @@ router = APIRouter(tags=["operations"])
 
 NPZ_MEDIA_TYPE = "application/x-npz"
 NPY_MEDIA_TYPE = "application/x-npy"
+# With ?result=npz|npy the summary travels in these headers.
+RESULT_HEADERS = (
+    "X-Elapsed-Time", "X-Device", "X-Backend", "X-Op", "X-Matrix-Shape", "X-Dtype", "X-Timings",
+)  # fmt: skip
 
 OpName = Enum("OpName", {name: name for name in OPS}, type=str)  # type: ignore[misc]
 
@@ -119,19 +123,25 @@ async def run_op(
 ) -> Response:
     """Read the upload, compute, and answer in the format the client asked for."""
     settings = settings_of(request)
-    upload = await read_multipart(
-        request.stream(),
-        content_type=request.headers.get("content-type"),
-        content_length=request.headers.get("content-length"),
-        max_bytes=settings.max_upload_bytes,
-    )
-    service_metrics(request).upload_bytes.labels(endpoint=_endpoint(request)).observe(
-        upload.body_bytes
-    )
-    a, b = upload.operands()
-    outcome, decode_seconds = await compute_service(request).compute(
-        op, NamedBytes(a.name, a.data), NamedBytes(b.name, b.data), RunOptions(allow_tf32)
-    )
+    service = compute_service(request)
+    with service.admit() as ticket:  # 503 before the body is read when the queue is full
+        upload = await read_multipart(
+            request.stream(),
+            content_type=request.headers.get("content-type"),
+            content_length=request.headers.get("content-length"),
+            max_bytes=settings.max_upload_bytes,
+        )
+        service_metrics(request).upload_bytes.labels(endpoint=_endpoint(request)).observe(
+            upload.body_bytes
+        )
+        a, b = upload.operands()
+        outcome, decode_seconds = await service.compute(
+            op,
+            NamedBytes(a.name, a.data),
+            NamedBytes(b.name, b.data),
+            RunOptions(allow_tf32),
+            ticket,
+        )
     timings = {"decode": decode_seconds, **outcome.timings}
     _observe(request, op, outcome, timings)
     fmt = result_format or _format_from_accept(request.headers.get("accept", ""))
@@ -168,16 +178,18 @@ def _array_response(
         content, media_type = encode_npz(outcome.array), NPZ_MEDIA_TYPE
     else:
         content, media_type = encode_npy(outcome.array), NPY_MEDIA_TYPE
-    headers = {
-        "X-Elapsed-Time": repr(outcome.elapsed_time),
-        "X-Device": outcome.device,
-        "X-Backend": outcome.backend,
-        "X-Op": op.name,
-        "X-Matrix-Shape": ",".join(str(n) for n in outcome.array.shape),
-        "X-Dtype": str(outcome.array.dtype),
-        "X-Timings": json.dumps(timings, separators=(",", ":")),
-    }
-    return Response(content, media_type=media_type, headers=headers)
+    values = (
+        repr(outcome.elapsed_time),
+        outcome.device,
+        outcome.backend,
+        op.name,
+        ",".join(str(n) for n in outcome.array.shape),
+        str(outcome.array.dtype),
+        json.dumps(timings, separators=(",", ":")),
+    )
+    return Response(
+        content, media_type=media_type, headers=dict(zip(RESULT_HEADERS, values, strict=True))
+    )
 
 
 def _format_from_accept(accept: str) -> ResultFormat | None:

@@ -1,0 +1,162 @@
+"""Bearer tokens, CORS, backpressure (503 + Retry-After) and the compute timeout (504)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from gpu_matrix_service.app import create_app
+from gpu_matrix_service.auth import token_accepted
+from gpu_matrix_service.backends.cpu import CpuBackend
+from gpu_matrix_service.settings import Settings
+
+from arrayfiles import npz_bytes
+
+
+def two_files() -> dict:
+    data = npz_bytes(np.arange(6.0).reshape(2, 3))
+    return {"a": ("a.npz", data), "b": ("b.npz", data)}
+
+
+@pytest.fixture
+def secured() -> TestClient:
+    settings = Settings(backend="cpu", api_tokens="alpha-token,beta-token", _env_file=None)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_compute_needs_a_bearer_token_when_tokens_are_set(secured):
+    response = secured.post("/add", files=two_files())
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="gpu-matrix-service"'
+    assert "Bearer" in response.json()["detail"]
+
+
+def test_a_wrong_token_is_401_invalid_token(secured):
+    response = secured.post(
+        "/v1/ops/add", files=two_files(), headers={"Authorization": "Bearer nope"}
+    )
+    assert response.status_code == 401
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+
+
+@pytest.mark.parametrize("token", ["alpha-token", "beta-token"])
+def test_every_configured_token_is_accepted(secured, token):
+    response = secured.post("/add", files=two_files(), headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    assert response.json()["matrix_shape"] == [2, 3]
+
+
+def test_health_and_metrics_stay_open_by_default(secured):
+    for path in ("/health", "/health/live", "/health/ready", "/metrics"):
+        assert secured.get(path).status_code == 200, path
+
+
+def test_metrics_can_be_protected():
+    settings = Settings(backend="cpu", api_tokens="t0k", metrics_auth=True, _env_file=None)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer t0k"}).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+def test_tokens_never_show_in_settings_repr():
+    settings = Settings(backend="cpu", api_tokens="super-secret", _env_file=None)
+    assert "super-secret" not in repr(settings)
+    assert "super-secret" not in str(settings.model_dump())
+
+
+def test_token_comparison():
+    tokens = [SecretStr("abc"), SecretStr("def")]
+    assert token_accepted("def", tokens)
+    assert not token_accepted("abd", tokens)
+    assert not token_accepted("", tokens)
+
+
+def test_cors_is_off_unless_configured(client):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    response = client.options("/add", headers=preflight)
+    assert "access-control-allow-origin" not in response.headers
+    settings = Settings(backend="cpu", cors_origins="https://app.example", _env_file=None)
+    with TestClient(create_app(settings)) as cors_client:
+        response = cors_client.options("/add", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+
+
+class GatedBackend(CpuBackend):
+    """Every run() waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.running = threading.Semaphore(0)
+
+    def run(self, op, a, b, options):
+        self.running.release()
+        assert self.gate.wait(20)
+        return super().run(op, a, b, options)
+
+
+def _serve(settings: Settings, backend, scenario) -> None:
+    app = create_app(settings, backend=backend)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as http,
+        ):
+            await scenario(http)
+
+    asyncio.run(main())
+
+
+def test_beyond_threads_and_queue_the_answer_is_503_with_retry_after():
+    backend = GatedBackend()
+    settings = Settings(backend="cpu", compute_threads=1, max_queued=1, _env_file=None)
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        running = asyncio.create_task(http.post("/add", files=two_files()))
+        await asyncio.to_thread(backend.running.acquire, True, 10)
+        queued = asyncio.create_task(http.post("/add", files=two_files()))
+        await asyncio.sleep(0.2)
+        refused = await http.post("/add", files=two_files())
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "1"
+        assert "too many requests" in refused.json()["detail"]
+        backend.gate.set()
+        assert (await running).status_code == 200
+        assert (await queued).status_code == 200
+        assert (await http.post("/add", files=two_files())).status_code == 200
+
+    _serve(settings, backend, scenario)
+
+
+def test_a_computation_over_the_timeout_is_504_and_keeps_its_place_until_done():
+    backend = GatedBackend()
+    settings = Settings(
+        backend="cpu", compute_threads=1, max_queued=0, compute_timeout_seconds=0.3,
+        _env_file=None,
+    )  # fmt: skip
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        slow = await http.post("/add", files=two_files())
+        assert slow.status_code == 504
+        assert "0.3 s" in slow.json()["detail"]
+        # Its thread still runs: no place for another until it finishes.
+        assert (await http.post("/add", files=two_files())).status_code == 503
+        backend.gate.set()
+        for _ in range(50):
+            response = await http.post("/add", files=two_files())
+            if response.status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert response.status_code == 200
+
+    _serve(settings, backend, scenario)
