@@ -20,6 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from gpu_matrix_service import __version__
+from gpu_matrix_service.bench.compute import bench_compute
+from gpu_matrix_service.bench.http import bench_http
 from gpu_matrix_service.client import DEFAULT_URL, Client, OpResult, ServiceResponseError
 from gpu_matrix_service.ops import OPS
 from gpu_matrix_service.settings import Settings
@@ -221,6 +223,33 @@ def health(url: UrlOption = DEFAULT_URL) -> None:
     """Print a running service's /health and /gpu-info as JSON."""
     body = _call_service(url, lambda c: {"health": c.health(), "gpu_info": c.gpu_info()})
     console.print_json(json.dumps(body))
+
+
+@app.command("build-kernels")
+def build_kernels_command(
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Where to write libgms_kernels.so (default: package).")
+    ] = None,
+    nvcc: Annotated[str | None, typer.Option(help="nvcc to use (default: on PATH).")] = None,
+    arch: Annotated[
+        list[str] | None, typer.Option(help="Architectures, e.g. sm_90 (repeatable; default all).")
+    ] = None,
+) -> None:
+    """Compile the CUDA C library with nvcc (sm_75..sm_90 that nvcc supports, plus PTX)."""
+    from gpu_matrix_service.backends.cuda.build import BuildError, build_kernels
+
+    try:
+        library = build_kernels(output_dir, nvcc, arch)
+    except BuildError as exc:
+        err_console.print(f"[red]error[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    console.print(f"built {library}")
+
+
+bench_app = typer.Typer(help="Benchmarks: the compute phase per backend, and HTTP end to end.")
+app.add_typer(bench_app, name="bench")
+bench_app.command("compute")(bench_compute)
+bench_app.command("http")(bench_http)
 
 
 @app.command()

@@ -38,7 +38,7 @@ class Part:
     name: str
     filename: str | None
     content_type: str | None
-    data: bytearray = field(default_factory=bytearray)
+    data: bytearray = field(default_factory=bytearray, repr=False)
 
     @property
     def is_file(self) -> bool:

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 
 from arrayfiles import npz_bytes
-from conftest import LiveServer, free_port, server_env
+from servers import LiveServer, free_port, server_env
 
 
 def _slow_multipart(a: bytes, b: bytes, seconds: float):

@@ -13,7 +13,7 @@ import requests
 
 from gpu_matrix_service.client import Client, ServiceResponseError
 
-from conftest import REPO, LiveServer, free_port, server_env
+from servers import REPO, LiveServer, free_port, server_env
 
 EXAMPLES = REPO / "examples"
 

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 
 from arrayfiles import npz_bytes
-from conftest import LiveServer, free_port, server_env
+from servers import LiveServer, free_port, server_env
 
 
 def test_two_workers_report_the_sum_of_their_requests(tmp_path):

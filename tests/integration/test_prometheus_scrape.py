@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from arrayfiles import npz_bytes
-from conftest import LiveServer, free_port
 from promql import ALERTS, PROMETHEUS_CONFIG, alert_measures, dashboard_expressions, is_gpu_only
+from servers import LiveServer, free_port
 
 SCRAPE_SECONDS = 1
 

@@ -1,0 +1,568 @@
+"""The Numba CUDA backend (``GMS_BACKEND=numba``): kernels written in Python, on every GPU.
+
+Each request goes to the least busy device (fewest requests in flight). Per device the backend
+owns *lanes* (a few CUDA streams and timing events, one lane per request in flight) and a cache
+of device buffers, so steady traffic allocates nothing: ``cuMemAlloc``/``cuMemFree`` cost
+milliseconds and ``cuMemFree`` synchronises the whole device. Host operands and results live in
+a pool of page-locked (pinned) buffers shared by all devices: :meth:`NumbaBackend.empty_host`
+hands them to the decoder, so copies run at full PCIe speed and asynchronously. Large
+elementwise ops are split into chunks issued round-robin on the lane's streams, so the
+host-to-device copy of one chunk overlaps the kernel and the device-to-host copy of earlier ones.
+
+Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same code runs on a simulated
+device, which is how CI covers the kernels without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final, Protocol, TypeVar
+
+import numpy as np
+from numba import cuda
+from numba.cuda.core.errors import NumbaPerformanceWarning
+from numba.cuda.cudadrv import driver as cuda_driver
+from numba.cuda.cudadrv import error as cuda_error
+
+from gpu_matrix_service.backends import numba_kernels as kernels
+from gpu_matrix_service.backends.base import (
+    BackendUnavailable,
+    DeviceInfo,
+    DeviceKind,
+    Result,
+    RunOptions,
+)
+from gpu_matrix_service.errors import BackendFailure, DeviceOutOfMemory, UnsupportedDType
+from gpu_matrix_service.ops import Op, get_op
+from gpu_matrix_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Small requests launch small grids by design; numba would warn once per new grid size (its
+# message starts with a terminal colour code, hence the leading wildcard).
+warnings.filterwarnings("ignore", message=".*Grid size", category=NumbaPerformanceWarning)
+
+MiB: Final = 1 << 20
+# Free pinned host buffers kept for reuse, in bytes; beyond this, returned buffers are freed.
+PINNED_KEEP_BYTES: Final = 2048 * MiB
+# Share of a device's memory its cache of free buffers may hold between requests.
+DEVICE_KEEP_FRACTION: Final = 0.25
+SIMULATED: Final[bool] = bool(cuda.config.ENABLE_CUDASIM)
+# The simulator swaps module globals while a kernel runs, so its launches cannot overlap.
+_SIMULATOR_SERIAL: Final = threading.Lock() if SIMULATED else contextlib.nullcontext()
+# The CUDA errors a request can meet; anything else is a bug and propagates as such.
+CUDA_ERRORS: Final[tuple[type[Exception], ...]] = tuple(
+    cls
+    for cls in (
+        getattr(cuda_driver, "CudaAPIError", None),
+        getattr(cuda_error, "CudaDriverError", None),
+        getattr(cuda_error, "CudaSupportError", None),
+    )
+    if cls is not None
+)
+
+
+def size_class(nbytes: int) -> int:
+    """Bytes reserved for a buffer of ``nbytes``: at least 64 KiB, above that rounded up to a
+    quarter of the next power of two (at most 25% slack), so nearby sizes share buffers."""
+    if nbytes <= 64 << 10:
+        return 64 << 10
+    step = 1 << (nbytes.bit_length() - 3)
+    return -(-nbytes // step) * step
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether a CUDA error is ``CUDA_ERROR_OUT_OF_MEMORY`` (a ``CudaAPIError`` from numba)."""
+    code = getattr(exc, "code", None)
+    return "OUT_OF_MEMORY" in str(getattr(code, "name", "")) or "OUT_OF_MEMORY" in str(exc)
+
+
+class GpuLoad(Protocol):
+    """What :func:`least_busy_device` reads of a device."""
+
+    in_flight: int
+    served: int
+
+
+_GpuLoad = TypeVar("_GpuLoad", bound=GpuLoad)
+
+
+class _PinnedLease:
+    """The owner numpy sees behind a pooled pinned array: while any view of the array lives,
+    this lives; when the last one goes, the block returns to the pool."""
+
+    __slots__ = ("__array_interface__", "_block", "_returned")
+
+    def __init__(self, block: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, returned: deque):
+        self._block = block
+        self._returned = returned
+        self.__array_interface__ = {
+            "data": (block.ctypes.data, False),
+            "shape": shape,
+            "typestr": dtype.str,
+            "descr": dtype.descr,
+            "version": 3,
+        }
+
+    def __del__(self) -> None:
+        # Runs in whichever thread drops the last view: only an atomic append, no lock.
+        self._returned.append(self._block)
+
+
+class PinnedPool:
+    """Page-locked host buffers reused across requests, shared by every device.
+
+    ``allocate(nbytes)`` returns fresh pinned memory as a uint8 array. Buffers come back when
+    the arrays handed out are garbage collected; up to ``keep_bytes`` of them stay for reuse.
+    """
+
+    def __init__(self, allocate: Callable[[int], np.ndarray], keep_bytes: int) -> None:
+        self._allocate = allocate
+        self._keep_bytes = keep_bytes
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._free_bytes = 0
+        self._returned: deque[np.ndarray] = deque()
+        self._lock = threading.Lock()
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised C-ordered array in pinned memory (plain memory if pinning fails)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0 or dtype.hasobject:
+            return np.empty(shape, dtype=dtype)
+        block = self._take(size_class(nbytes))
+        if block is None:
+            return np.empty(shape, dtype=dtype)
+        return np.asarray(_PinnedLease(block, shape, dtype, self._returned))
+
+    def _take(self, nbytes: int) -> np.ndarray | None:
+        with self._lock:
+            self._collect_returned()
+            free = self._free.get(nbytes)
+            if free:
+                self._free_bytes -= nbytes
+                return free.pop()
+        try:
+            return self._allocate(nbytes)
+        except CUDA_ERRORS as exc:
+            self.clear()
+            try:
+                return self._allocate(nbytes)
+            except CUDA_ERRORS:
+                log.warning(
+                    "pinned host allocation of %d bytes failed (%s); using pageable memory",
+                    nbytes,
+                    exc,
+                )
+                return None
+
+    def _collect_returned(self) -> None:
+        while self._returned:
+            block = self._returned.popleft()
+            if self._free_bytes + block.nbytes <= self._keep_bytes:
+                self._free.setdefault(block.nbytes, []).append(block)
+                self._free_bytes += block.nbytes
+
+    def clear(self) -> None:
+        """Drop every free buffer (their pinned memory is freed with numba's next flush)."""
+        with self._lock:
+            self._returned.clear()
+            self._free.clear()
+            self._free_bytes = 0
+
+
+class _Mark:
+    """A point on a stream's timeline: a CUDA event on a GPU; the host clock under the
+    simulator, where every call completes before it returns."""
+
+    __slots__ = ("event", "time")
+
+    def __init__(self) -> None:
+        self.event = None if SIMULATED else cuda.event(timing=True)
+        self.time = 0.0
+
+    def record(self, stream: Any) -> None:
+        if self.event is None:
+            self.time = time.perf_counter()
+        else:
+            self.event.record(stream)
+
+    def wait(self, stream: Any) -> None:
+        """Make later work on ``stream`` wait until this mark is reached."""
+        if self.event is not None:
+            self.event.wait(stream)
+
+    def seconds_until(self, later: _Mark) -> float:
+        if self.event is None or later.event is None:
+            return later.time - self.time
+        return self.event.elapsed_time(later.event) / 1e3
+
+
+class DeviceBuffers:
+    """Free device allocations of one GPU, by size class, kept up to ``keep_bytes``."""
+
+    def __init__(self, keep_bytes: int) -> None:
+        self._keep_bytes = keep_bytes
+        self._free: dict[int, list[Any]] = {}
+        self._free_bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> Any:
+        """A uint8 device array of at least ``nbytes``; call in the device's context."""
+        size = size_class(nbytes)
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                self._free_bytes -= size
+                return free.pop()
+        return cuda.device_array(size, dtype=np.uint8)
+
+    def give_back(self, buffers: list[Any]) -> None:
+        """Return buffers taken with :meth:`take`, once no queued work uses them."""
+        with self._lock:
+            for buf in buffers:
+                if self._free_bytes + buf.size <= self._keep_bytes:
+                    self._free.setdefault(buf.size, []).append(buf)
+                    self._free_bytes += buf.size
+
+    def clear(self) -> None:
+        """Drop every free buffer (freed at numba's next deallocation flush)."""
+        with self._lock:
+            self._free.clear()
+            self._free_bytes = 0
+
+
+class _Lane:
+    """The streams, timing marks and device buffers of one request in flight on one device."""
+
+    def __init__(self, tuning: kernels.Tuning, buffers: DeviceBuffers) -> None:
+        self.streams = [cuda.stream() for _ in range(tuning.streams)]
+        self.marks = [_Mark() for _ in range(5 * tuning.max_chunks)]
+        self.taken: list[Any] = []
+        self._buffers = buffers
+
+    def device_array(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """A C-ordered device array from the device's cache, held until the request ends."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        raw = self._buffers.take(nbytes)
+        self.taken.append(raw)
+        return raw[:nbytes].view(dtype).reshape(shape)
+
+    def synchronize(self) -> None:
+        """Wait until every copy and kernel queued on this lane has finished."""
+        for stream in self.streams:
+            stream.synchronize()
+
+    def settle(self) -> bool:
+        """After an error: wait for queued work; False if the device cannot (context broken)."""
+        try:
+            self.synchronize()
+        except CUDA_ERRORS:
+            return False
+        return True
+
+
+class _Gpu:
+    """One device the backend computes on: its lanes, buffers and requests in flight."""
+
+    def __init__(self, ordinal: int, tuning: kernels.Tuning) -> None:
+        device = cuda.gpus[ordinal]
+        raw_name = "Numba CUDA simulator" if SIMULATED else device.name
+        self.ordinal = ordinal
+        self.name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+        self.label = f"{self.name} (cuda:{ordinal})"
+        self.sm_count = 1 if SIMULATED else int(device.MULTIPROCESSOR_COUNT)
+        with cuda.gpus[ordinal]:
+            total = cuda.current_context().get_memory_info().total
+        keep = int(total * DEVICE_KEEP_FRACTION) if math.isfinite(total) else 256 * MiB
+        self.buffers = DeviceBuffers(keep)
+        self.in_flight = 0
+        self.served = 0
+        self._tuning = tuning
+        self._lanes: list[_Lane] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lane(self) -> Iterator[_Lane]:
+        """A lane for one request (enter in the device's context). Its buffers go back to the
+        cache once its work is done; after an error that leaves the device unable to finish
+        that work, the lane and its buffers are dropped instead of reused."""
+        with self._lock:
+            lane = self._lanes.pop() if self._lanes else None
+        lane = lane or _Lane(self._tuning, self.buffers)
+        finished = False
+        try:
+            yield lane
+            finished = True
+        finally:
+            if finished or lane.settle():
+                self.buffers.give_back(lane.taken)
+                with self._lock:
+                    self._lanes.append(lane)
+            lane.taken = []
+
+    def trim(self) -> None:
+        """Free the cached buffers and flush numba's pending frees (call in the context)."""
+        with self._lock:
+            self.buffers.clear()
+            deallocations = getattr(cuda.current_context(), "deallocations", None)
+            if deallocations is not None:
+                deallocations.clear()
+
+    def close(self) -> None:
+        with cuda.gpus[self.ordinal]:
+            with self._lock:
+                self._lanes.clear()
+            self.trim()
+
+
+class NumbaBackend:
+    """Computes on every visible GPU (or ``settings.devices``) with Numba CUDA kernels.
+
+    The constructor probes each device for real: it runs every kernel once on tiny operands
+    (which also compiles them, so no request pays for compilation) and checks the answers. A
+    device that fails is left out with a warning; :class:`BackendUnavailable` when none passes.
+    ``tuning`` overrides launch geometry and chunking (tests use it to force small chunks).
+    """
+
+    name = "numba"
+    device_kind: DeviceKind = "GPU"
+
+    def __init__(self, settings: Settings, tuning: kernels.Tuning | None = None) -> None:
+        self._tuning = tuning or (kernels.SIMULATOR_TUNING if SIMULATED else kernels.DEVICE_TUNING)
+        self._lock = threading.Lock()
+        self._closed = False
+        ordinals = _visible_ordinals(settings)
+        self._pinned = PinnedPool(self._allocate_pinned, PINNED_KEEP_BYTES)
+        self._home = ordinals[0]  # the context pinned host memory is allocated in (portable)
+        self._gpus: list[_Gpu] = []
+        failures: list[str] = []
+        for ordinal in ordinals:
+            try:
+                gpu = _Gpu(ordinal, self._tuning)
+                self._self_test(gpu)
+            except Exception as exc:  # any failure here only means this device cannot serve
+                failures.append(f"cuda:{ordinal}: {type(exc).__name__}: {exc}")
+                log.warning("numba: leaving out cuda:%d, its probe failed: %s", ordinal, exc)
+                continue
+            self._gpus.append(gpu)
+        if not self._gpus:
+            self._pinned.clear()
+            raise BackendUnavailable("numba: no device passed the probe: " + "; ".join(failures))
+        self._home = self._gpus[0].ordinal
+
+    def devices(self) -> list[DeviceInfo]:
+        """The GPUs requests are spread over, by CUDA ordinal."""
+        return [DeviceInfo(index=g.ordinal, name=g.name, kind="GPU") for g in self._gpus]
+
+    def supports(self, op: Op, dtype: np.dtype) -> bool:
+        """add/subtract/multiply over float32, float64, int32, int64; matmul over floats."""
+        if op.name in kernels.ELEMENTWISE_KERNELS:
+            return np.dtype(dtype) in kernels.ELEMENTWISE_DTYPES
+        return op.name == "matmul" and np.dtype(dtype) in kernels.MATMUL_DTYPES
+
+    def empty_host(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised array in pooled pinned host memory, for the decoder to fill."""
+        return self._pinned.array(tuple(shape), np.dtype(dtype))
+
+    def run(self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions) -> Result:
+        """Compute ``op(a, b)`` on the least busy GPU. Timings (seconds): ``h2d``, ``kernel``
+        and ``d2h`` are device time spent in each phase (they overlap when a large elementwise
+        op is pipelined, so their sum can exceed ``total``); ``total`` is the wall time from the
+        first copy issued to the result on the host."""
+        if not self.supports(op, a.dtype) or a.dtype != b.dtype:
+            raise UnsupportedDType(f"the numba backend does not compute {op.name} on {a.dtype}")
+        gpu = self._acquire()
+        try:
+            with cuda.gpus[gpu.ordinal]:
+                return self._run_on(gpu, op, a, b)
+        finally:
+            with self._lock:
+                gpu.in_flight -= 1
+
+    def close(self) -> None:
+        """Free the cached device buffers, lanes and pinned host buffers of every device."""
+        with self._lock:
+            self._closed = True
+        for gpu in self._gpus:
+            gpu.close()
+        self._pinned.clear()
+
+    # -- device choice and error mapping ------------------------------------------------------
+
+    def _acquire(self) -> _Gpu:
+        """The least busy device, marked busy until the request ends."""
+        with self._lock:
+            if self._closed:
+                raise BackendFailure("the numba backend is shut down")
+            gpu = least_busy_device(self._gpus)
+            gpu.in_flight += 1
+            gpu.served += 1
+        return gpu
+
+    def _run_on(self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray) -> Result:
+        """:meth:`_compute`, with CUDA errors mapped; on out-of-memory the device's cache is
+        freed and the request tried once more before :class:`DeviceOutOfMemory`."""
+        for attempt in (1, 2):
+            try:
+                return self._compute(gpu, op, a, b)
+            except CUDA_ERRORS as exc:
+                if not is_out_of_memory(exc):
+                    raise BackendFailure(f"numba on {gpu.label}: CUDA error: {exc}") from exc
+                gpu.trim()
+                if attempt == 2:
+                    free, total = cuda.current_context().get_memory_info()
+                    raise DeviceOutOfMemory(
+                        f"{op.name} of {list(a.shape)} and {list(b.shape)} {a.dtype} does not "
+                        f"fit on {gpu.label}: {free / MiB:.0f} MiB free of {total / MiB:.0f} MiB"
+                    ) from exc
+                log.info("numba: out of memory on %s, cache freed, retrying", gpu.label)
+        raise AssertionError("unreachable")
+
+    # -- the computations ------------------------------------------------------------------
+
+    def _compute(self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray) -> Result:
+        with _SIMULATOR_SERIAL, gpu.lane() as lane:
+            if op.name == "matmul":
+                out, timings = self._matmul(gpu, lane, a, b)
+            else:
+                out, timings = self._elementwise(gpu, lane, op, a, b)
+        return Result(
+            array=out, device="GPU", device_name=gpu.label, backend=self.name, timings=timings
+        )
+
+    def _elementwise(
+        self, gpu: _Gpu, lane: _Lane, op: Op, a: np.ndarray, b: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """Chunks issued round-robin over the lane's streams. Each chunk's upload waits for
+        the previous upload and its download for the previous download, so each engine works
+        on one copy at a time and the recorded intervals are copy time, not queueing."""
+        kernel = kernels.ELEMENTWISE_KERNELS[op.name]
+        a_flat = np.ascontiguousarray(a).reshape(-1)
+        b_flat = np.ascontiguousarray(b).reshape(-1)
+        n, dtype = a_flat.size, a_flat.dtype
+        out = self._pinned.array(a.shape, dtype)
+        out_flat = out.reshape(-1)
+        d_a, d_b, d_out = (lane.device_array((n,), dtype) for _ in range(3))
+        bounds = kernels.chunk_bounds(n, dtype.itemsize, self._tuning)
+        marks, streams, tpb = lane.marks, lane.streams, self._tuning.threads_per_block
+        start = time.perf_counter()
+        for c, (lo, hi) in enumerate(bounds):
+            stream = streams[c % len(streams)]
+            up, up_done, done, down, down_done = marks[5 * c : 5 * c + 5]
+            if c:
+                marks[5 * c - 4].wait(stream)  # the previous chunk's upload
+            up.record(stream)
+            a_part, b_part, out_part = d_a[lo:hi], d_b[lo:hi], d_out[lo:hi]
+            a_part.copy_to_device(a_flat[lo:hi], stream=stream)
+            b_part.copy_to_device(b_flat[lo:hi], stream=stream)
+            up_done.record(stream)
+            blocks = kernels.elementwise_blocks(hi - lo, self._tuning, gpu.sm_count)
+            kernel[blocks, tpb, stream](a_part, b_part, out_part)
+            done.record(stream)
+            if c:
+                marks[5 * c - 1].wait(stream)  # the previous chunk's download
+            down.record(stream)
+            out_part.copy_to_host(out_flat[lo:hi], stream=stream)
+            down_done.record(stream)
+        lane.synchronize()
+        total = time.perf_counter() - start
+        timings = {"h2d": 0.0, "kernel": 0.0, "d2h": 0.0}
+        for c in range(len(bounds)):
+            up, up_done, done, down, down_done = marks[5 * c : 5 * c + 5]
+            timings["h2d"] += up.seconds_until(up_done)
+            timings["kernel"] += up_done.seconds_until(done)
+            timings["d2h"] += down.seconds_until(down_done)
+        timings["total"] = total
+        return out, timings
+
+    def _matmul(
+        self, gpu: _Gpu, lane: _Lane, a: np.ndarray, b: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """One stream: upload both operands, the tiled kernel, download the product."""
+        (m, k), n = a.shape, b.shape[1]
+        dtype = a.dtype
+        out = self._pinned.array((m, n), dtype)
+        if k == 0:
+            out[...] = 0  # an empty sum; no kernel for zero-size tiles
+            return out, {"h2d": 0.0, "kernel": 0.0, "d2h": 0.0, "total": 0.0}
+        d_a = lane.device_array((m, k), dtype)
+        d_b = lane.device_array((k, n), dtype)
+        d_out = lane.device_array((m, n), dtype)
+        stream = lane.streams[0]
+        up, up_done, done, down_done = lane.marks[:4]
+        tile = self._tuning.matmul
+        grid, block = kernels.matmul_launch(m, n, tile)
+        kernel = kernels.matmul_kernel(dtype, tile)
+        start = time.perf_counter()
+        up.record(stream)
+        d_a.copy_to_device(np.ascontiguousarray(a), stream=stream)
+        d_b.copy_to_device(np.ascontiguousarray(b), stream=stream)
+        up_done.record(stream)
+        kernel[grid, block, stream](d_a, d_b, d_out, m, k, n)
+        done.record(stream)
+        d_out.copy_to_host(out, stream=stream)
+        down_done.record(stream)
+        stream.synchronize()
+        total = time.perf_counter() - start
+        return out, {
+            "h2d": up.seconds_until(up_done),
+            "kernel": up_done.seconds_until(done),
+            "d2h": done.seconds_until(down_done),
+            "total": total,
+        }
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _allocate_pinned(self, nbytes: int) -> np.ndarray:
+        # Portable: the buffer counts as pinned in every device's context, not just this one.
+        with cuda.gpus[self._home]:
+            memory = cuda.current_context().memhostalloc(nbytes, portable=True)
+        return np.ndarray((nbytes,), dtype=np.uint8, buffer=memory)
+
+    def _self_test(self, gpu: _Gpu) -> None:
+        """Run every kernel once on small operands on ``gpu`` and compare with NumPy."""
+        rng = np.random.default_rng(7)
+        for dtype in sorted(kernels.ELEMENTWISE_DTYPES, key=str):
+            a = rng.integers(-100, 100, size=(3, 37)).astype(dtype)
+            b = rng.integers(-100, 100, size=(3, 37)).astype(dtype)
+            for op_name in ("add", "subtract", "multiply"):
+                self._check(gpu, get_op(op_name), a, b)
+            if dtype in kernels.MATMUL_DTYPES:
+                self._check(gpu, get_op("matmul"), a, b.T.copy())
+
+    def _check(self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray) -> None:
+        with cuda.gpus[gpu.ordinal]:
+            got = self._compute(gpu, op, a, b).array
+        if not np.array_equal(got, op.reference(a, b)):
+            raise BackendUnavailable(f"{op.name} on {a.dtype} gave a wrong answer on {gpu.label}")
+
+
+def _visible_ordinals(settings: Settings) -> list[int]:
+    """The CUDA ordinals to use: ``settings.devices`` or every visible GPU; checks CUDA works."""
+    if not cuda.is_available():
+        reason = " ".join(str(cuda.cuda_error() or "no usable driver").split())
+        raise BackendUnavailable(f"numba: CUDA is not available ({reason})")
+    try:
+        count = len(cuda.gpus)
+    except CUDA_ERRORS as exc:
+        raise BackendUnavailable(f"numba: cannot list CUDA devices: {exc}") from exc
+    ordinals = list(range(count)) if settings.devices is None else list(settings.devices)
+    unknown = [o for o in ordinals if not 0 <= o < count]
+    if unknown or not ordinals:
+        raise BackendUnavailable(
+            f"numba: devices {unknown or ordinals} not among the {count} visible GPU(s)"
+        )
+    return ordinals
+
+
+def least_busy_device(gpus: Sequence[_GpuLoad]) -> _GpuLoad:
+    """The device with the fewest requests in flight; ties go to the one that served fewest,
+    so idle devices take turns."""
+    return min(gpus, key=lambda g: (g.in_flight, g.served))

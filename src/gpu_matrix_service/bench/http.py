@@ -1,0 +1,311 @@
+"""``gpu-matrix-service bench http``: end-to-end load on the HTTP service, against its floor.
+
+An async load generator (httpx) sends the same multipart upload from ``concurrency`` tasks for
+``duration`` seconds and records each request's latency. Beside the service it starts (or is
+pointed at) the receive-only floor of :mod:`gpu_matrix_service.bench.floor` on the same server
+stack, so every figure comes with its ratio to what merely receiving the upload costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(width=120)
+BOUNDARY = "gms-bench-boundary"
+
+
+@dataclass
+class LoadResult:
+    """One target under one load: rates in requests/s, latencies in seconds."""
+
+    target: str
+    op: str
+    size: int
+    dtype: str
+    concurrency: int
+    duration_s: float
+    requests: int
+    errors: int
+    statuses: dict[str, int]
+    rps: float
+    p50_s: float
+    p95_s: float
+    p99_s: float
+    upload_bytes: int
+    latencies_s: list[float] = field(repr=False, default_factory=list)
+
+
+def multipart_upload(size: int, dtype: str, seed: int = 0) -> tuple[bytes, str]:
+    """A two-file multipart body of ``size`` x ``size`` random arrays (.npz), and its type."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for name in ("file_a", "file_b"):
+        buffer = io.BytesIO()
+        np.savez(buffer, matrix=(rng.standard_normal((size, size)) * 10).astype(dtype))
+        parts.append(
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{name}.npz"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            + buffer.getvalue()
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={BOUNDARY}"
+
+
+async def drive(
+    url: str,
+    body: bytes,
+    content_type: str,
+    *,
+    concurrency: int,
+    duration: float,
+    token: str | None = None,
+    tick: Any = None,
+) -> tuple[list[float], dict[str, int], float]:
+    """POST ``body`` from ``concurrency`` tasks for ``duration`` s: latencies, statuses, wall s."""
+    headers = {"content-type": content_type}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        start = time.perf_counter()
+        deadline = start + duration
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                sent = time.perf_counter()
+                try:
+                    response = await http.post(url, content=body, headers=headers)
+                    status = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                latencies.append(time.perf_counter() - sent)
+                statuses[status] = statuses.get(status, 0) + 1
+                if tick is not None:
+                    tick()
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return latencies, statuses, wall
+
+
+def summarize(
+    target: str, op: str, size: int, dtype: str, concurrency: int, body: bytes, run: tuple
+) -> LoadResult:
+    """Rates and latency percentiles of one :func:`drive` run."""
+    latencies, statuses, wall = run
+    ordered = sorted(latencies) or [float("nan")]
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    errors = sum(n for status, n in statuses.items() if not status.startswith("2"))
+    return LoadResult(
+        target, op, size, dtype, concurrency, wall, len(latencies), errors, statuses,
+        len(latencies) / wall, statistics.median(ordered), pct(0.95), pct(0.99), len(body),
+        latencies,
+    )  # fmt: skip
+
+
+@contextmanager
+def local_server(kind: str, port: int, workers: int, backend: str) -> Iterator[str]:
+    """Start the service or the floor on ``port`` (same uvicorn stack); yields its base URL."""
+    if kind == "service":
+        args = [sys.executable, "-m", "gpu_matrix_service", "serve", "--port", str(port),
+                "--workers", str(workers), "--backend", backend,
+                "--log-level", "warning"]  # fmt: skip
+    else:
+        args = [sys.executable, "-m", "uvicorn", "--factory",
+                "gpu_matrix_service.bench.floor:create_floor_app", "--port", str(port),
+                "--workers", str(workers), "--log-level", "warning"]  # fmt: skip
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited: {process.stderr.read() if process.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def compare(results: list[LoadResult]) -> list[dict[str, Any]]:
+    """Service over floor, per size and concurrency: latency and rate ratios."""
+    floors = {(r.size, r.concurrency): r for r in results if r.target == "floor"}
+    rows = []
+    for r in results:
+        floor = floors.get((r.size, r.concurrency))
+        if r.target != "service" or floor is None:
+            continue
+        rows.append({
+            "size": r.size, "concurrency": r.concurrency,
+            "p50_ratio": r.p50_s / floor.p50_s, "rate_ratio": r.rps / floor.rps,
+        })  # fmt: skip
+    return rows
+
+
+def render(results: list[LoadResult], ratios: list[dict[str, Any]]) -> None:
+    """Print the results and the ratios as Rich tables."""
+    table = Table(title="bench http")
+    for column in ("target", "op", "size", "conc.", "req", "err", "req/s", "p50 ms", "p95 ms",
+                   "p99 ms", "MB/req"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(
+            r.target, r.op, f"{r.size}x{r.size}", str(r.concurrency), str(r.requests),
+            str(r.errors), f"{r.rps:.1f}", f"{r.p50_s * 1e3:.1f}", f"{r.p95_s * 1e3:.1f}",
+            f"{r.p99_s * 1e3:.1f}", f"{r.upload_bytes / 1e6:.1f}",
+        )  # fmt: skip
+    console.print(table)
+    if ratios:
+        ratio_table = Table(title="service / receive-only floor")
+        for column in ("size", "concurrency", "p50 latency ratio", "rate ratio"):
+            ratio_table.add_column(column, justify="right")
+        for row in ratios:
+            ratio_table.add_row(
+                f"{row['size']}x{row['size']}", str(row["concurrency"]),
+                f"{row['p50_ratio']:.2f}x", f"{row['rate_ratio']:.2f}x",
+            )  # fmt: skip
+        console.print(ratio_table)
+
+
+def plot(results: list[LoadResult], path: Path) -> None:
+    """Latency distributions per case (service and floor) as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise typer.BadParameter("--plot needs matplotlib: pip install matplotlib") from None
+    cases = sorted({(r.size, r.concurrency) for r in results})
+    figure, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4), squeeze=False)
+    for axis, (size, concurrency) in zip(axes[0], cases, strict=True):
+        for r in results:
+            if (r.size, r.concurrency) == (size, concurrency) and r.latencies_s:
+                ordered = np.sort(np.array(r.latencies_s) * 1e3)
+                axis.plot(ordered, np.linspace(0, 1, len(ordered)), label=f"{r.target}")
+        axis.set(title=f"{size}x{size}, concurrency {concurrency}", xlabel="latency (ms)",
+                 ylabel="fraction of requests", xscale="log")  # fmt: skip
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def bench_http(
+    url: Annotated[str | None, typer.Option(help="A running service (default: start one).")] = None,
+    floor_url: Annotated[
+        str | None, typer.Option(help="A running floor (default: start one beside).")
+    ] = None,
+    no_floor: Annotated[bool, typer.Option("--no-floor", help="Skip the floor.")] = False,
+    op: Annotated[str, typer.Option(help="Operation to call.")] = "add",
+    size: Annotated[list[int] | None, typer.Option(help="n for n x n (repeatable).")] = None,
+    dtype: Annotated[str, typer.Option(help="Operand dtype.")] = "float32",
+    concurrency: Annotated[list[int] | None, typer.Option(help="Tasks (repeatable).")] = None,
+    duration: Annotated[float, typer.Option(help="Seconds per case.")] = 10.0,
+    workers: Annotated[int, typer.Option(help="Server workers when started here.")] = 1,
+    backend: Annotated[str, typer.Option(help="Backend when started here.")] = "auto",
+    token: Annotated[str | None, typer.Option(envvar="GMS_TOKEN", help="Bearer token.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG here.")] = None,
+) -> None:
+    """Load the HTTP service and its receive-only floor; print req/s and p50/p95/p99."""
+    sizes, concurrencies = size or [64, 4096], concurrency or [1, 32]
+    with ExitStack() as stack:
+        service = url or stack.enter_context(
+            local_server("service", _free_port(), workers, backend)
+        )
+        floor = None
+        if not no_floor:
+            floor = floor_url or stack.enter_context(
+                local_server("floor", _free_port(), workers, backend)
+            )
+        results = _run_cases(service, floor, op, sizes, dtype, concurrencies, duration, token)
+    ratios = compare(results)
+    render(results, ratios)
+    if json_path is not None:
+        payload = {"results": [_without_samples(r) for r in results], "ratios": ratios}
+        json_path.write_text(json.dumps(payload, indent=2))
+    if plot_path is not None:
+        plot(results, plot_path)
+        console.print(f"plot written to {plot_path}")
+
+
+def _run_cases(
+    service: str, floor: str | None, op: str, sizes: list[int], dtype: str,
+    concurrencies: list[int], duration: float, token: str | None,
+) -> list[LoadResult]:  # fmt: skip
+    targets = [("service", service)] + ([("floor", floor)] if floor else [])
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        for n in sizes:
+            body, content_type = multipart_upload(n, dtype)
+            for conc in concurrencies:
+                for name, base in targets:
+                    task = progress.add_task(f"{name} {n}x{n} c={conc}", total=duration)
+                    start = time.perf_counter()
+
+                    def tick(task: Any = task, start: float = start) -> None:
+                        progress.update(task, completed=min(duration, time.perf_counter() - start))
+
+                    # One warm-up request per case keeps start-up costs out of the figures.
+                    asyncio.run(drive(f"{base}/v1/ops/{op}", body, content_type,
+                                      concurrency=1, duration=0.0, token=token))  # fmt: skip
+                    run = asyncio.run(drive(f"{base}/v1/ops/{op}", body, content_type,
+                                            concurrency=conc, duration=duration, token=token,
+                                            tick=tick))  # fmt: skip
+                    results.append(summarize(name, op, n, dtype, conc, body, run))
+                    progress.remove_task(task)
+    return results
+
+
+def _without_samples(result: LoadResult) -> dict[str, Any]:
+    fields = asdict(result)
+    fields.pop("latencies_s")
+    return fields

@@ -1,0 +1,147 @@
+"""The cuda backend's pure parts: chunk and block planning, device choice, and its memory
+pools over a fake library (no GPU needed)."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from gpu_matrix_service.backends.cuda.backend import (
+    GpuDevice,
+    least_busy_device,
+    plan_chunks,
+    plan_matmul_block_rows,
+)
+from gpu_matrix_service.backends.cuda.pools import DevicePool, PinnedHostPool, size_class
+from gpu_matrix_service.errors import DeviceOutOfMemory
+
+MiB = 1024 * 1024
+
+
+class FakeLibrary:
+    """Stands in for KernelLibrary: host memory from NumPy, device memory as counters."""
+
+    def __init__(self, device_capacity: int = 1 << 40) -> None:
+        self.host = {}
+        self.device = {}
+        self.capacity = device_capacity
+        self.next_address = 1 << 20
+
+    def host_alloc(self, nbytes):
+        buffer = np.empty(nbytes, np.uint8)
+        self.host[buffer.ctypes.data] = buffer
+        return buffer.ctypes.data
+
+    def host_free(self, ptr):
+        del self.host[ptr]
+
+    def device_alloc(self, ordinal, nbytes):
+        if sum(self.device.values()) + nbytes > self.capacity:
+            raise DeviceOutOfMemory("cudaMalloc failed: out of memory")
+        self.next_address += nbytes
+        self.device[self.next_address] = nbytes
+        return self.next_address
+
+    def device_free(self, ordinal, ptr):
+        del self.device[ptr]
+
+
+def test_size_classes_are_powers_of_two_then_multiples_of_2_mib():
+    assert [size_class(n) for n in (0, 1, 512, 513, 3000, 2 * MiB)] == [
+        512,
+        512,
+        512,
+        1024,
+        4096,
+        2 * MiB,
+    ]
+    assert size_class(2 * MiB + 1) == 4 * MiB
+    assert size_class(64 * MiB) == 64 * MiB
+
+
+def test_small_elementwise_request_is_one_chunk():
+    assert plan_chunks(3, 4) == plan_chunks(3, 4).__class__(chunk_elems=3, slots=1)
+
+
+def test_4096_square_float32_is_cut_into_eight_chunks_over_three_slots():
+    plan = plan_chunks(4096 * 4096, 4)
+    assert plan.chunk_elems * 4 == 8 * MiB
+    assert plan.slots == 3
+
+
+def test_chunks_stay_between_1_and_16_mib():
+    assert plan_chunks(1 << 28, 8).chunk_elems * 8 == 16 * MiB
+    assert plan_chunks(1 << 20, 4).chunk_elems * 4 == 1 * MiB
+
+
+def test_matmul_blocks_cover_all_rows_in_at_most_four_blocks():
+    for m in (1, 1023, 1024, 3001, 8192, 100_000):
+        rows = plan_matmul_block_rows(m)
+        assert -(-m // rows) <= 4
+        assert rows >= min(m, 1024) or m < 1024
+    assert plan_matmul_block_rows(8192) == 2048
+    assert plan_matmul_block_rows(1000) == 1000
+
+
+def test_least_busy_device_has_fewest_requests_in_flight():
+    devices = [GpuDevice(i, "gpu", 1, 0, None, in_flight=n) for i, n in enumerate([2, 0, 1, 0])]
+    assert least_busy_device(devices).ordinal == 1
+
+
+def test_device_pool_reuses_blocks_and_trims_cache():
+    library = FakeLibrary()
+    pool = DevicePool(library, 0)
+    with pool.lease([5 * MiB, 100]) as (big, _small):
+        assert pool.in_use_bytes() == 6 * MiB + 512
+    assert pool.cached_bytes() == 6 * MiB + 512
+    with pool.lease([5 * MiB]) as (again,):
+        assert again == big  # no new cudaMalloc
+    assert len(library.device) == 2
+    assert pool.trim() == 6 * MiB + 512
+    assert library.device == {}
+
+
+def test_device_pool_lease_releases_what_it_got_when_an_allocation_fails():
+    library = FakeLibrary(device_capacity=10 * MiB)
+    pool = DevicePool(library, 0)
+    with pytest.raises(DeviceOutOfMemory), pool.lease([4 * MiB, 8 * MiB]):
+        pass
+    assert pool.in_use_bytes() == 0
+    assert pool.cached_bytes() == 4 * MiB
+
+
+def test_pinned_arrays_return_their_block_when_collected():
+    library = FakeLibrary()
+    pool = PinnedHostPool(library)
+    array = pool.empty((100, 300), np.float64)
+    assert array.shape == (100, 300) and array.dtype == np.float64
+    assert array.flags.c_contiguous and array.flags.writeable
+    address = array.ctypes.data
+    assert pool.stats() == (0, size_class(100 * 300 * 8))
+    del array
+    gc.collect()
+    assert pool.stats() == (size_class(100 * 300 * 8), 0)
+    assert pool.empty((300, 100), np.float64).ctypes.data == address
+
+
+def test_pinned_pool_unpins_beyond_its_cache_limit_and_on_close():
+    library = FakeLibrary()
+    pool = PinnedHostPool(library, max_cached_bytes=4 * MiB)
+    arrays = [pool.empty((MiB,), np.uint8) for _ in range(6)]
+    del arrays
+    gc.collect()
+    assert pool.stats() == (4 * MiB, 0)
+    assert len(library.host) == 4
+    survivor = pool.empty((10,), np.int32)
+    pool.close()
+    assert len(library.host) == 1
+    del survivor
+    gc.collect()
+    assert library.host == {}
+
+
+def test_zero_size_pinned_request_is_plain_memory():
+    pool = PinnedHostPool(FakeLibrary())
+    assert pool.empty((0, 4), np.float32).shape == (0, 4)
