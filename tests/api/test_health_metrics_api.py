@@ -163,7 +163,9 @@ def test_health_and_metrics_answer_while_a_computation_runs(rng):
             app.router.lifespan_context(app),
             httpx.AsyncClient(transport=transport, base_url="http://test") as http,
         ):
-            compute = asyncio.create_task(http.post("/add", files=two_files(rng)))
+            # Large enough for a worker thread (small work is computed inline).
+            big = two_files(rng, shape=(512, 512))
+            compute = asyncio.create_task(http.post("/add", files=big))
             await asyncio.to_thread(backend.started.wait, 10)
             assert (await http.get("/health")).json()["status"] == "ok"
             assert (await http.get("/metrics")).status_code == 200

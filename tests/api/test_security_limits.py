@@ -20,7 +20,8 @@ from arrayfiles import npz_bytes
 
 
 def two_files() -> dict:
-    data = npz_bytes(np.arange(6.0).reshape(2, 3))
+    # Large enough to be computed on a worker thread, not inline (compute.TINY_BYTES).
+    data = npz_bytes(np.arange(6.0 * 256 * 256).reshape(2 * 256, 3 * 256))
     return {"a": ("a.npz", data), "b": ("b.npz", data)}
 
 
@@ -50,7 +51,7 @@ def test_a_wrong_token_is_401_invalid_token(secured):
 def test_every_configured_token_is_accepted(secured, token):
     response = secured.post("/add", files=two_files(), headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200
-    assert response.json()["matrix_shape"] == [2, 3]
+    assert response.json()["matrix_shape"] == [512, 768]
 
 
 def test_health_and_metrics_stay_open_by_default(secured):

@@ -93,3 +93,14 @@ def test_cpu_backend_matmul_matches_numpy(rng, dtype, m, k, n):
 def test_plan_reports_shape_and_promoted_dtype(rng):
     checked = plan(get_op("matmul"), np.ones((2, 3), np.int32), np.ones((3, 4), np.float32))
     assert checked.shape == (2, 4) and checked.dtype == np.float64
+
+
+def test_only_tiny_work_is_computed_inline():
+    from gpu_matrix_service.compute import is_tiny
+
+    small, big = np.ones((64, 64), np.float32), np.ones((512, 512), np.float32)
+    assert is_tiny(get_op("add"), small, small)
+    assert not is_tiny(get_op("add"), big, big)
+    assert is_tiny(get_op("matmul"), small, small)
+    # Small operands, huge result: not tiny.
+    assert not is_tiny(get_op("matmul"), np.ones((4096, 1)), np.ones((1, 4096)))

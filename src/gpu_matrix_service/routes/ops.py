@@ -12,7 +12,6 @@ from pydantic import BaseModel, Field
 
 from gpu_matrix_service.arrays import encode_npy, encode_npz
 from gpu_matrix_service.backends.base import Result, RunOptions
-from gpu_matrix_service.compute import NamedBytes
 from gpu_matrix_service.errors import PayloadTooLarge
 from gpu_matrix_service.ops import OPS, Op, get_op
 from gpu_matrix_service.routes.state import compute_service, service_metrics, settings_of
@@ -130,19 +129,16 @@ async def run_op(
             content_type=request.headers.get("content-type"),
             content_length=request.headers.get("content-length"),
             max_bytes=settings.max_upload_bytes,
+            open_file=service.open_stream,  # each file decodes into its array as it arrives
         )
         service_metrics(request).upload_bytes.labels(endpoint=_endpoint(request)).observe(
             upload.body_bytes
         )
         a, b = upload.operands()
-        outcome, decode_seconds = await service.compute(
-            op,
-            NamedBytes(a.name, a.data),
-            NamedBytes(b.name, b.data),
-            RunOptions(allow_tf32),
-            ticket,
-        )
-    timings = {"decode": decode_seconds, **outcome.timings}
+        assert a.array is not None
+        assert b.array is not None
+        outcome = await service.compute(op, a.array, b.array, RunOptions(allow_tf32), ticket)
+    timings = {"decode": upload.decode_seconds, **outcome.timings}
     _observe(request, op, outcome, timings)
     fmt = result_format or _format_from_accept(request.headers.get("accept", ""))
     if fmt in (ResultFormat.npz, ResultFormat.npy):

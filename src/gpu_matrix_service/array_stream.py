@@ -1,0 +1,341 @@
+"""Incremental ``.npy``/``.npz`` decoding: bytes in as they arrive, straight into the array.
+
+:class:`ArrayStream` is fed an upload chunk by chunk while the request body is still being
+received. As soon as a ``.npy`` header (bare, or the first bytes of an ``.npz`` member) is
+complete it asks the allocator for the destination array, pinned staging memory on a GPU
+backend, and from then on every chunk is copied there once: the upload is never assembled
+in a buffer and copied again. Stored ``.npz`` members are copied as they are, deflated ones
+are inflated chunk by chunk. Zip files this cannot follow as a stream (sizes only in a
+trailing data descriptor, or an unknown first record) are kept whole and handed to
+:func:`gpu_matrix_service.arrays.decode_array` at the end, so every input gets the same
+answer as the whole-file decoder, errors included.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from collections.abc import Callable
+from typing import Final
+
+import numpy as np
+
+from gpu_matrix_service.arrays import (
+    MAX_HEADER_BYTES,
+    NPY_MAGIC,
+    PREFERRED_KEYS,
+    Allocator,
+    ArrayLimits,
+    NpyHeader,
+    _into_native,
+    _numpy_empty,
+    decode_array,
+    parse_npy_header,
+)
+from gpu_matrix_service.errors import BadArrayInput, PayloadTooLarge
+
+LOCAL_HEADER: Final = struct.Struct("<4sHHHHHIIIHH")
+LOCAL_SIGNATURE: Final = b"PK\x03\x04"
+# Records after the members: central directory, zip64 end records, end of central directory.
+TRAILER_SIGNATURES: Final = (b"PK\x01\x02", b"PK\x06\x06", b"PK\x06\x07", b"PK\x05\x06")
+ZIP64_EXTRA_ID: Final = 0x0001
+STORED, DEFLATED = 0, 8
+# Inflate at most this much per call, so a bomb never gets ahead of the size checks.
+INFLATE_STEP: Final = 4 * 1024 * 1024
+
+
+class NpyStream:
+    """One ``.npy`` byte stream, decoded into an array from ``allocate`` as it arrives."""
+
+    def __init__(self, name: str, limits: ArrayLimits, allocate: Allocator) -> None:
+        self.name, self.limits, self.allocate = name, limits, allocate
+        self._head = bytearray()
+        self._header: NpyHeader | None = None
+        self._out: np.ndarray | None = None
+        self._target: memoryview | None = None
+        self._filled = 0
+        self.extra = 0  # bytes beyond the array's data (an error for a bare .npy)
+
+    def feed(self, data: memoryview) -> None:
+        """Take the next bytes of the file."""
+        if self._header is None:
+            data = self._feed_header(data)
+            if self._header is None or not data:
+                return
+        assert self._target is not None
+        room = len(self._target) - self._filled
+        take = min(room, len(data))
+        self._target[self._filled : self._filled + take] = data[:take]
+        self._filled += take
+        self.extra += len(data) - take
+
+    def _feed_header(self, data: memoryview) -> memoryview:
+        """Gather the header; once whole, allocate the destination. Returns unused bytes."""
+        self._head += data
+        if len(self._head) < 12 and not (len(self._head) >= 10 and self._head[6] == 1):
+            return memoryview(b"")
+        if bytes(self._head[:6]) != NPY_MAGIC:
+            raise BadArrayInput(f"{self.name} is not a .npy file (bad magic or too short)")
+        size_bytes = 2 if self._head[6] == 1 else 4
+        start = 8 + size_bytes
+        (length,) = struct.unpack("<H" if size_bytes == 2 else "<I", self._head[8:start])
+        if length > MAX_HEADER_BYTES:
+            raise BadArrayInput(f"{self.name}: .npy header of {length} bytes is too long")
+        if len(self._head) < start + length:
+            return memoryview(b"")
+        header = parse_npy_header(self._head, name=self.name, limits=self.limits)
+        rest = memoryview(bytes(self._head[header.data_offset :]))
+        self._head = bytearray()
+        self._header = header
+        if header.dtype.isnative and not header.fortran_order:
+            self._out = self.allocate(header.shape, header.dtype)
+        else:  # reorder or byte-swap once at the end
+            self._out = np.empty(header.nbytes, np.uint8)
+        self._target = memoryview(self._out.reshape(-1).view(np.uint8))
+        return rest
+
+    def finish(self) -> np.ndarray:
+        """The decoded array; :class:`BadArrayInput` when the data is short or too long."""
+        header = self._header
+        if header is None:
+            raise BadArrayInput(f"{self.name}: truncated .npy header")
+        if self._filled < header.nbytes or self.extra:
+            raise BadArrayInput(
+                f"{self.name}: array data is {self._filled + self.extra} bytes, but its header "
+                f"{header.dtype} {list(header.shape)} needs {header.nbytes} (truncated or corrupt "
+                "file)"
+            )
+        assert self._out is not None
+        if header.dtype.isnative and not header.fortran_order:
+            return self._out
+        source = np.frombuffer(self._out, dtype=header.dtype, count=math.prod(header.shape))
+        return _into_native(source, header, self.allocate)
+
+
+class _Member:
+    """One ``.npz`` member being read: its sizes, inflater, checksum and (maybe) decoder."""
+
+    def __init__(
+        self, key: str, method: int, crc: int, packed: int, size: int, decoder: NpyStream | None
+    ) -> None:
+        self.key, self.method, self.crc = key, method, crc
+        self.packed_left, self.size = packed, size
+        self.decoder = decoder
+        self.inflater = zlib.decompressobj(-15) if method == DEFLATED else None
+        self.running_crc = 0
+        self.produced = 0
+
+    def feed(self, data: memoryview, label: str) -> None:
+        if self.inflater is None:
+            self._content(data, label)
+            return
+        pending: bytes | memoryview = data
+        while pending:
+            try:
+                out = self.inflater.decompress(pending, INFLATE_STEP)
+            except zlib.error:
+                raise BadArrayInput(f"{label} is corrupt (bad compressed data)") from None
+            pending = self.inflater.unconsumed_tail
+            self._content(memoryview(out), label)
+
+    def _content(self, data: memoryview, label: str) -> None:
+        self.produced += len(data)
+        if self.produced > self.size:
+            raise BadArrayInput(f"{label} inflates beyond its declared {self.size} bytes")
+        self.running_crc = zlib.crc32(data, self.running_crc)
+        if self.decoder is not None:
+            self.decoder.feed(data)
+
+    def close(self, label: str) -> None:
+        if self.inflater is not None:
+            try:
+                self._content(memoryview(self.inflater.flush()), label)
+            except zlib.error:
+                raise BadArrayInput(f"{label} is corrupt (bad compressed data)") from None
+        if self.produced != self.size or self.running_crc != self.crc:
+            raise BadArrayInput(f"{label} is corrupt (bad compressed data or checksum)")
+
+
+class NpzStream:
+    """An ``.npz`` (zip) byte stream: members decoded as they pass, trailer records skipped.
+
+    :attr:`needs_whole_file` turns true when the archive cannot be followed as a stream
+    (sizes in a data descriptor); the caller then decodes the whole file instead.
+    """
+
+    def __init__(self, name: str, limits: ArrayLimits, allocate: Allocator) -> None:
+        self.name, self.limits, self.allocate = name, limits, allocate
+        self._record = bytearray()
+        self._member: _Member | None = None
+        self._in_trailer = False
+        self.keys: list[str] = []
+        self.arrays: dict[str, NpyStream] = {}
+        self.needs_whole_file = False
+
+    def feed(self, data: memoryview) -> None:
+        """Take the next bytes of the archive."""
+        while data and not self._in_trailer and not self.needs_whole_file:
+            if self._member is None:
+                data = self._feed_record(data)
+                continue
+            take = min(self._member.packed_left, len(data))
+            self._member.feed(data[:take], self._label(self._member.key))
+            self._member.packed_left -= take
+            data = data[take:]
+            if self._member.packed_left == 0:
+                self._member.close(self._label(self._member.key))
+                self._member = None
+
+    def _label(self, key: str) -> str:
+        return f"{self.name}[{key}]"
+
+    def _feed_record(self, data: memoryview) -> memoryview:
+        """Gather a local file header; start its member. Returns the unused bytes."""
+        need = LOCAL_HEADER.size - len(self._record)
+        if need > 0:
+            self._record += data[:need]
+            data = data[need:]
+            if len(self._record) < LOCAL_HEADER.size:
+                return data
+        fields = LOCAL_HEADER.unpack(self._record[: LOCAL_HEADER.size])
+        signature, _, flags, method, _, _, crc, packed, size, name_len, extra_len = fields
+        if signature != LOCAL_SIGNATURE:
+            if bytes(signature) in TRAILER_SIGNATURES and self.keys:
+                self._in_trailer, self._record = True, bytearray()
+                return memoryview(b"")
+            raise BadArrayInput(f"{self.name} is not a valid .npz (zip) archive")
+        variable = name_len + extra_len
+        need = LOCAL_HEADER.size + variable - len(self._record)
+        if need > 0:
+            self._record += data[:need]
+            data = data[need:]
+            if len(self._record) < LOCAL_HEADER.size + variable:
+                return data
+        raw = bytes(self._record[LOCAL_HEADER.size :])
+        self._record = bytearray()
+        if flags & 0x8:  # sizes follow the data: not streamable
+            if self.keys:  # too late to go back: the earlier members' bytes are gone
+                raise BadArrayInput(
+                    f"{self.name}: zip members after the first carry their sizes in data "
+                    "descriptors; write the .npz to a seekable file (numpy.savez does)"
+                )
+            self.needs_whole_file = True  # the caller decodes the whole file instead
+            return data
+        packed, size = _zip64_sizes(raw[name_len:], packed, size)
+        self._start_member(raw[:name_len].decode("utf-8", "replace"), flags, method, crc,
+                           packed, size)  # fmt: skip
+        return data
+
+    def _start_member(
+        self, filename: str, flags: int, method: int, crc: int, packed: int, size: int
+    ) -> None:
+        key = filename.removesuffix(".npy")
+        label = self._label(key)
+        if flags & 0x1:
+            raise BadArrayInput(f"{label} is encrypted")
+        if method not in (STORED, DEFLATED):
+            raise BadArrayInput(f"{label}: zip compression method {method} is not supported")
+        if size > self.limits.max_bytes + 12 + MAX_HEADER_BYTES:
+            raise PayloadTooLarge(
+                f"{label} inflates to {size} bytes; the limit is {self.limits.max_bytes}"
+            )
+        # Decode the first member and any that could win the choice; skip the rest.
+        decoder = None
+        if not self.keys or key in PREFERRED_KEYS:
+            decoder = NpyStream(label, self.limits, self.allocate)
+            self.arrays[key] = decoder
+        self.keys.append(key)
+        self._member = _Member(key, method, crc, packed, size, decoder)
+        if packed == 0:
+            self._member.close(label)
+            self._member = None
+
+    def finish(self) -> np.ndarray:
+        """The chosen member's array (same choice as the whole-file decoder)."""
+        if self._member is not None or self._record:
+            raise BadArrayInput(f"{self.name} is not a valid .npz (zip) archive (truncated)")
+        if not self.keys:
+            raise BadArrayInput(f"{self.name} is an .npz archive with no arrays in it")
+        if len(self.keys) == 1:
+            return self.arrays[self.keys[0]].finish()
+        for key in PREFERRED_KEYS:
+            if key in self.arrays:
+                return self.arrays[key].finish()
+        raise BadArrayInput(
+            f"{self.name} holds several arrays {sorted(self.keys)}; name the one to use "
+            "'matrix' (or send a single array)"
+        )
+
+
+def _zip64_sizes(extra: bytes, packed: int, size: int) -> tuple[int, int]:
+    """Sizes from the zip64 extra field where the 32-bit fields say 0xFFFFFFFF."""
+    position = 0
+    while position + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, position)
+        body = extra[position + 4 : position + 4 + length]
+        if tag == ZIP64_EXTRA_ID:
+            values = [v for (v,) in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
+            if size == 0xFFFFFFFF and values:
+                size = values.pop(0)
+            if packed == 0xFFFFFFFF and values:
+                packed = values.pop(0)
+        position += 4 + length
+    return packed, size
+
+
+class ArrayStream:
+    """One uploaded file: ``.npy`` or ``.npz``, decoded while it arrives.
+
+    ``feed`` takes chunks, ``finish`` returns the native-order array or raises the same
+    :class:`~gpu_matrix_service.errors.ServiceError` the whole-file decoder would.
+    """
+
+    def __init__(self, name: str, limits: ArrayLimits, allocate: Allocator = _numpy_empty) -> None:
+        self.name, self.limits, self.allocate = name, limits, allocate
+        self._sniff = bytearray()
+        self._stream: NpyStream | NpzStream | None = None
+        self._whole: bytearray | None = None  # kept when streaming is not possible
+        self._replay = bytearray()  # an .npz's bytes until its first member's data starts
+        self.size = 0
+
+    def feed(self, data: memoryview) -> None:
+        """Take the next chunk of the upload."""
+        self.size += len(data)
+        if self._whole is not None:
+            self._whole += data
+            return
+        if self._stream is None:
+            self._sniff += data
+            if len(self._sniff) < 6:
+                return
+            self._stream = self._open(bytes(self._sniff[:6]))
+            data, self._sniff = memoryview(bytes(self._sniff)), bytearray()
+            if self._stream is None:
+                self._whole = bytearray(data)
+                return
+        if isinstance(self._stream, NpzStream) and not self._stream.keys:
+            self._replay += data  # a data descriptor may yet send us to the whole file
+        self._stream.feed(data)
+        if isinstance(self._stream, NpzStream):
+            if self._stream.needs_whole_file:
+                self._whole, self._stream = self._replay, None
+            elif self._stream.keys:
+                self._replay = bytearray()
+
+    def _open(self, magic: bytes) -> NpyStream | NpzStream | None:
+        if magic == NPY_MAGIC:
+            return NpyStream(self.name, self.limits, self.allocate)
+        if magic[:4] == LOCAL_SIGNATURE:
+            return NpzStream(self.name, self.limits, self.allocate)
+        return None  # garbage or an odd zip: the whole-file decoder says what is wrong
+
+    def finish(self) -> np.ndarray:
+        """The decoded array."""
+        if self._stream is None:
+            whole = self._whole if self._whole is not None else self._sniff
+            return decode_array(whole, name=self.name, limits=self.limits, allocate=self.allocate)
+        return self._stream.finish()
+
+
+StreamFactory = Callable[[str], ArrayStream]

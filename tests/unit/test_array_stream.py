@@ -1,0 +1,188 @@
+"""Decoding while bytes arrive gives what the whole-file decoder gives, in any chunking."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+from gpu_matrix_service.array_stream import ArrayStream
+from gpu_matrix_service.arrays import ArrayLimits, decode_array
+from gpu_matrix_service.errors import BadArrayInput, BadRequest, PayloadTooLarge, ServiceError
+from gpu_matrix_service.uploads import read_multipart
+
+from arrayfiles import npy_bytes, npz_bytes, npz_compressed_bytes
+
+LIMITS = ArrayLimits(max_bytes=1 << 24, max_elements=1 << 22, max_dims=8)
+
+
+def stream_decode(data: bytes, chunk: int, allocate=None) -> np.ndarray:
+    stream = ArrayStream("file_a", LIMITS, *([allocate] if allocate else []))
+    for start in range(0, len(data), chunk):
+        stream.feed(memoryview(data)[start : start + chunk])
+    return stream.finish()
+
+
+def unseekable_npz(**arrays: np.ndarray) -> bytes:
+    """An .npz written through a pipe-like file: sizes in data descriptors after each member."""
+
+    class Pipe(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:
+            self.data += b
+            return len(b)
+
+    pipe = Pipe()
+    np.savez(pipe, **arrays)
+    return bytes(pipe.data)
+
+
+def cases(rng) -> dict[str, bytes]:
+    a = rng.standard_normal((37, 29)).astype(np.float32)
+    return {
+        "npy": npy_bytes(a),
+        "npy fortran": npy_bytes(np.asfortranarray(a)),
+        "npy big-endian": npy_bytes(a.astype(">f8")),
+        "npz": npz_bytes(a),
+        "npz compressed": npz_compressed_bytes(m=a),
+        "npz several, matrix last": npz_bytes(a * 2, x=a, matrix=a + 1),
+        "npz several, arr_0 first": npz_bytes(a, a + 1),
+        "npz data descriptors": unseekable_npz(only=a),
+        "npz int64 3-D": npz_bytes(rng.integers(0, 9, (3, 4, 5))),
+        "npy empty": npy_bytes(np.empty((0, 4))),
+    }
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096, 1 << 20])
+def test_stream_matches_whole_file_decoder_in_any_chunking(rng, chunk):
+    for label, data in cases(rng).items():
+        expected = decode_array(data, name="file_a", limits=LIMITS)
+        got = stream_decode(data, chunk)
+        assert got.dtype == expected.dtype, label
+        assert got.flags.c_contiguous, label
+        np.testing.assert_array_equal(got, expected, err_msg=label)
+
+
+def test_the_destination_comes_from_the_allocator_and_is_filled_in_place(rng):
+    given = []
+
+    def allocate(shape, dtype):
+        given.append(np.full(shape, -1, dtype))
+        return given[-1]
+
+    a = rng.standard_normal((64, 64))
+    for data in (npy_bytes(a), npz_bytes(a), npz_compressed_bytes(m=a)):
+        out = stream_decode(data, 1000, allocate)
+        assert out is given[-1]
+        np.testing.assert_array_equal(out, a)
+
+
+@pytest.mark.parametrize("chunk", [3, 500])
+def test_bad_inputs_fail_like_the_whole_file_decoder(rng, chunk):
+    a = rng.standard_normal((20, 20))
+    good_npz, good_npy = npz_compressed_bytes(m=a), npy_bytes(a)
+    corrupt = bytearray(good_npz)
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 32] = bytes(32)
+    bad = {
+        "garbage": b"definitely not an array",
+        "truncated npy": good_npy[:-5],
+        "npy with trailing bytes": good_npy + b"xx",
+        "truncated npz": good_npz[: len(good_npz) // 2],
+        "corrupt deflate": bytes(corrupt),
+        "several unnamed": npz_bytes(x=a, y=a),
+        "object dtype": _object_npy(),
+    }
+    for label, data in bad.items():
+        with pytest.raises(ServiceError) as whole:
+            decode_array(data, name="file_a", limits=LIMITS)
+        with pytest.raises(ServiceError) as streamed:
+            stream_decode(data, chunk)
+        assert type(streamed.value) is type(whole.value), label
+        assert streamed.value.status_code == whole.value.status_code, label
+
+
+def _object_npy() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([None], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+def test_zip_bomb_is_refused_from_the_local_header_before_inflating():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("arr_0.npy", npy_bytes(np.zeros(8 << 20)))
+    with pytest.raises(PayloadTooLarge, match="inflates to"):
+        stream_decode(buffer.getvalue(), 4096)
+
+
+def test_a_member_that_inflates_beyond_its_declared_size_is_refused():
+    data = bytearray(npz_compressed_bytes(m=np.zeros(50_000)))
+    # Shrink the declared uncompressed size in the zip64 extra field of the local header.
+    header_end = 30 + data[26] + 4
+    data[header_end : header_end + 8] = (1000).to_bytes(8, "little")
+    with pytest.raises(BadArrayInput):
+        stream_decode(bytes(data), 512)
+
+
+# ---- the multipart splitter feeding the decoders ----
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "b0undary") -> bytes:
+    body = b"preamble to ignore\r\n"
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content
+        body += b"\r\n"
+    return body + f"--{boundary}--\r\nepilogue".encode()
+
+
+def read(body: bytes, chunk: int, boundary: str = "b0undary"):
+    async def chunks():
+        for start in range(0, len(body), chunk):
+            yield body[start : start + chunk]
+
+    return asyncio.run(
+        read_multipart(
+            chunks(), content_type=f"multipart/form-data; boundary={boundary}",
+            content_length=None, max_bytes=1 << 30,
+            open_file=lambda name: ArrayStream(name, LIMITS),
+        )
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 13, 100, 1 << 16])
+def test_splitter_finds_every_part_across_chunk_edges(rng, chunk):
+    a, b = rng.standard_normal((9, 9)), rng.standard_normal((9, 9))
+    body = multipart([("note", None, b"hello"), ("file_a", "a.npy", npy_bytes(a)),
+                      ("file_b", "b.npz", npz_bytes(b)), ("x", None, b"\r\n--b0und")])  # fmt: skip
+    upload = read(body, chunk)  # "x" holds a near miss of the delimiter
+    first, second = upload.operands()
+    np.testing.assert_array_equal(first.array, a)
+    np.testing.assert_array_equal(second.array, b)
+    assert upload.text_fields() == {"note": "hello", "x": "\r\n--b0und"}
+    assert upload.body_bytes == len(body)
+
+
+def test_a_body_without_its_closing_delimiter_is_400(rng):
+    body = multipart([("file_a", "a.npy", npy_bytes(rng.standard_normal(3)))])
+    with pytest.raises(BadRequest, match="closing boundary"):
+        read(body[: body.index(b"--b0undary--")], 64)
+
+
+def test_corrupt_deflate_data_is_always_a_400_never_a_zlib_error():
+    # Zeroed bytes inside a deflate stream fail in different ways per input (seen: "invalid
+    # distance too far back" from zlib); every one must come out as BadArrayInput.
+    for seed in range(200):
+        a = np.random.default_rng(seed).standard_normal((20, 20))
+        data = bytearray(npz_compressed_bytes(m=a))
+        data[len(data) // 2 : len(data) // 2 + 32] = bytes(32)
+        with pytest.raises(BadArrayInput):
+            stream_decode(bytes(data), 500)
