@@ -23,6 +23,7 @@ from gpu_matrix_service import __version__
 from gpu_matrix_service.bench.compute import bench_compute
 from gpu_matrix_service.bench.http import bench_http
 from gpu_matrix_service.client import DEFAULT_URL, Client, OpResult, ServiceResponseError
+from gpu_matrix_service.doctor.command import doctor_command
 from gpu_matrix_service.ops import OPS
 from gpu_matrix_service.settings import Settings
 
@@ -245,6 +246,8 @@ def build_kernels_command(
         raise typer.Exit(1) from None
     console.print(f"built {library}")
 
+
+app.command("doctor")(doctor_command)
 
 bench_app = typer.Typer(help="Benchmarks: the compute phase per backend, and HTTP end to end.")
 app.add_typer(bench_app, name="bench")

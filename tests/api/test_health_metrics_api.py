@@ -185,3 +185,18 @@ def test_an_unsupported_dtype_runs_on_the_cpu_backend(rng):
                                backend=Float32Only([]))) as client:  # fmt: skip
         body = client.post("/add", files=two_files(rng)).json()  # float64
     assert body["device"] == "CPU" and body["backend"] == "cpu"
+
+
+def test_readiness_is_503_naming_a_blocking_gpu_problem(client, monkeypatch):
+    from gpu_matrix_service.doctor import Check
+    from gpu_matrix_service.routes import health
+
+    broken = Check("uncorrectable ECC errors", "devices", "fail", "GPU 0: 3", "replace it", True)
+    fine = Check("driver", "driver", "pass", "580.159.04")
+    monkeypatch.setattr(health, "quick_checks", lambda settings: [fine, broken])
+    response = client.get("/health/ready")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unready"
+    assert [c["name"] for c in body["failing"]] == ["uncorrectable ECC errors"]
+    assert client.get("/health/live").status_code == 200

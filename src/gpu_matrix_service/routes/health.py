@@ -9,7 +9,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from gpu_matrix_service import __version__
-from gpu_matrix_service.routes.state import compute_service, gpu_monitor
+from gpu_matrix_service.doctor import quick_checks
+from gpu_matrix_service.routes.state import compute_service, gpu_monitor, settings_of
 
 router = APIRouter(tags=["health"])
 
@@ -35,12 +36,17 @@ async def live() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/health/ready", summary="Readiness: a backend is loaded and can take requests")
+@router.get("/health/ready", summary="Readiness: a backend is loaded and the GPU stack is sound")
 async def ready(request: Request) -> JSONResponse:
-    """200 once the compute backend is up, 503 otherwise (during start-up or shutdown)."""
+    """200 once the compute backend is up and doctor's quick checks (driver, devices, device
+    nodes; NVML only, milliseconds) find nothing blocking; 503 otherwise, naming what failed."""
     service = getattr(request.app.state, "compute", None)
     if service is None:
         return JSONResponse({"status": "starting"}, status_code=503)
+    checks = await run_in_threadpool(quick_checks, settings_of(request))
+    failing = [check.as_dict() for check in checks if check.blocking]
+    if failing:
+        return JSONResponse({"status": "unready", "failing": failing}, status_code=503)
     return JSONResponse({"status": "ready", "backend": service.backend.name})
 
 
