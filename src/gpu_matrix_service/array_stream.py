@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 import struct
-import zlib
 from collections.abc import Callable
 from typing import Final
 
 import numpy as np
+
+# zlib-ng: the same API as zlib, with SIMD CRC-32 (about 4x zlib's) and a faster inflate.
+from zlib_ng import zlib_ng as zlib
 
 from gpu_matrix_service.arrays import (
     MAX_HEADER_BYTES,
@@ -117,9 +119,16 @@ class _Member:
     """One ``.npz`` member being read: its sizes, inflater, checksum and (maybe) decoder."""
 
     def __init__(
-        self, key: str, method: int, crc: int, packed: int, size: int, decoder: NpyStream | None
+        self,
+        key: str,
+        method: int,
+        crc: int,
+        packed: int,
+        size: int,
+        decoder: NpyStream | None,
+        verify_crc: bool,
     ) -> None:
-        self.key, self.method, self.crc = key, method, crc
+        self.key, self.method, self.crc, self.verify_crc = key, method, crc, verify_crc
         self.packed_left, self.size = packed, size
         self.decoder = decoder
         self.inflater = zlib.decompressobj(-15) if method == DEFLATED else None
@@ -143,7 +152,8 @@ class _Member:
         self.produced += len(data)
         if self.produced > self.size:
             raise BadArrayInput(f"{label} inflates beyond its declared {self.size} bytes")
-        self.running_crc = zlib.crc32(data, self.running_crc)
+        if self.verify_crc:
+            self.running_crc = zlib.crc32(data, self.running_crc)
         if self.decoder is not None:
             self.decoder.feed(data)
 
@@ -153,7 +163,7 @@ class _Member:
                 self._content(memoryview(self.inflater.flush()), label)
             except zlib.error:
                 raise BadArrayInput(f"{label} is corrupt (bad compressed data)") from None
-        if self.produced != self.size or self.running_crc != self.crc:
+        if self.produced != self.size or (self.verify_crc and self.running_crc != self.crc):
             raise BadArrayInput(f"{label} is corrupt (bad compressed data or checksum)")
 
 
@@ -246,7 +256,8 @@ class NpzStream:
             decoder = NpyStream(label, self.limits, self.allocate)
             self.arrays[key] = decoder
         self.keys.append(key)
-        self._member = _Member(key, method, crc, packed, size, decoder)
+        verify = method == DEFLATED or self.limits.verify_stored_crc
+        self._member = _Member(key, method, crc, packed, size, decoder, verify)
         if packed == 0:
             self._member.close(label)
             self._member = None

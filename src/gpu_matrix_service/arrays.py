@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import io
 import math
+import re
 import struct
 import zipfile
 import zlib
@@ -49,6 +50,9 @@ class ArrayLimits:
     max_bytes: int
     max_elements: int
     max_dims: int
+    # Check the CRC-32 of uncompressed (stored) .npz members while streaming; compressed ones
+    # are always checked. The whole-file decoder always checks (zipfile does).
+    verify_stored_crc: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,23 @@ def parse_npy_header(prefix: bytes | memoryview, *, name: str, limits: ArrayLimi
     return header
 
 
+# The header numpy.save writes for a plain dtype, read without the (slower) literal_eval:
+# {'descr': '<f4', 'fortran_order': False, 'shape': (64, 64), }
+NUMPY_HEADER = re.compile(
+    rb"\{'descr': '([<>|=][a-zA-Z]\d*)', 'fortran_order': (True|False), "
+    rb"'shape': \(((?:\d+, ?)*\d*)\), \}[ \n]*"
+)
+
+
 def _literal_header(raw: bytes, encoding: str, name: str) -> dict[str, object]:
+    plain = NUMPY_HEADER.fullmatch(raw)
+    if plain is not None:
+        descr, fortran, dims = plain.groups()
+        return {
+            "descr": descr.decode(),
+            "fortran_order": fortran == b"True",
+            "shape": tuple(int(d) for d in dims.split(b",") if d.strip()),
+        }
     try:
         fields = ast.literal_eval(raw.decode(encoding))
     except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError, TypeError):

@@ -110,6 +110,9 @@ def serve(
     max_array_elements: _opt(int, "GMS_MAX_ARRAY_ELEMENTS", "Most elements per operand.") = None,
     max_array_bytes: _opt(int, "GMS_MAX_ARRAY_BYTES", "Most data bytes per operand.") = None,
     max_array_dims: _opt(int, "GMS_MAX_ARRAY_DIMS", "Most dimensions per operand.") = None,
+    verify_stored_crc: _opt(
+        bool, "GMS_VERIFY_STORED_CRC", "Check CRCs of uncompressed .npz members."
+    ) = None,
     max_json_result_elements: _opt(
         int, "GMS_MAX_JSON_RESULT_ELEMENTS", "Most elements for ?result=json."
     ) = None,

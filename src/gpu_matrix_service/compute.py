@@ -116,6 +116,7 @@ class ComputeService:
             max_bytes=settings.max_array_bytes,
             max_elements=settings.max_array_elements,
             max_dims=settings.max_array_dims,
+            verify_stored_crc=settings.verify_stored_crc,
         )
         self._executor = ThreadPoolExecutor(
             max_workers=settings.compute_threads, thread_name_prefix="gms-compute"

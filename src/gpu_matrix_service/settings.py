@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         2048 * MiB, ge=1, description="Most data bytes one operand may hold once inflated (413)."
     )
     max_array_dims: int = Field(8, ge=1, le=32, description="Most dimensions one operand may have.")
+    verify_stored_crc: bool = Field(
+        True,
+        description="Check the CRC-32 of uncompressed .npz members (costs about one pass "
+        "over the data; compressed members are always checked).",
+    )
     max_json_result_elements: int = Field(
         1 << 20, ge=0, description="Most elements returned inline with ?result=json (413 beyond)."
     )

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(width=120)
+console = Console(width=150)
 BOUNDARY = "gms-bench-boundary"
 
 
@@ -50,6 +51,8 @@ class LoadResult:
     p95_s: float
     p99_s: float
     upload_bytes: int
+    clients: int = 1
+    server_timings_s: dict[str, float] = field(default_factory=dict)
     latencies_s: list[float] = field(repr=False, default_factory=list)
 
 
@@ -79,13 +82,18 @@ async def drive(
     duration: float,
     token: str | None = None,
     tick: Any = None,
-) -> tuple[list[float], dict[str, int], float]:
-    """POST ``body`` from ``concurrency`` tasks for ``duration`` s: latencies, statuses, wall s."""
+) -> tuple[list[float], dict[str, int], float, dict[str, list[float]]]:
+    """POST ``body`` from ``concurrency`` tasks for ``duration`` s.
+
+    Returns latencies, status counts, wall seconds, and the per-phase ``timings`` the service
+    reported (decode, h2d, kernel, d2h, total), so the server's own share is visible.
+    """
     headers = {"content-type": content_type}
     if token:
         headers["authorization"] = f"Bearer {token}"
     latencies: list[float] = []
     statuses: dict[str, int] = {}
+    phases: dict[str, list[float]] = {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
         start = time.perf_counter()
@@ -97,6 +105,9 @@ async def drive(
                 try:
                     response = await http.post(url, content=body, headers=headers)
                     status = str(response.status_code)
+                    if response.is_success and b'"timings"' in response.content[:4096]:
+                        for phase, seconds in response.json()["timings"].items():
+                            phases.setdefault(phase, []).append(seconds)
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 latencies.append(time.perf_counter() - sent)
@@ -106,14 +117,46 @@ async def drive(
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return latencies, statuses, wall
+    return latencies, statuses, wall, phases
+
+
+def drive_in_process(job: tuple[str, bytes, str, int, float, str | None]) -> tuple:
+    """:func:`drive` in a separate load-generator process (picklable entry point)."""
+    url, body, content_type, concurrency, duration, token = job
+    return asyncio.run(
+        drive(url, body, content_type, concurrency=concurrency, duration=duration, token=token)
+    )
+
+
+def drive_clients(
+    url: str, body: bytes, content_type: str, *, clients: int, concurrency: int,
+    duration: float, token: str | None,
+) -> tuple:  # fmt: skip
+    """:func:`drive` from ``clients`` processes sharing ``concurrency`` tasks, merged.
+
+    One Python process tops out at a few hundred small requests per second; several are
+    needed to load a service with several workers.
+    """
+    share = [concurrency // clients + (i < concurrency % clients) for i in range(clients)]
+    jobs = [(url, body, content_type, n, duration, token) for n in share if n]
+    with ProcessPoolExecutor(len(jobs)) as pool:
+        runs = list(pool.map(drive_in_process, jobs))
+    latencies = [x for run in runs for x in run[0]]
+    statuses: dict[str, int] = {}
+    phases: dict[str, list[float]] = {}
+    for run in runs:
+        for status, n in run[1].items():
+            statuses[status] = statuses.get(status, 0) + n
+        for phase, values in run[3].items():
+            phases.setdefault(phase, []).extend(values)
+    return latencies, statuses, max(run[2] for run in runs), phases
 
 
 def summarize(
     target: str, op: str, size: int, dtype: str, concurrency: int, body: bytes, run: tuple
 ) -> LoadResult:
     """Rates and latency percentiles of one :func:`drive` run."""
-    latencies, statuses, wall = run
+    latencies, statuses, wall, phases = run
     ordered = sorted(latencies) or [float("nan")]
 
     def pct(q: float) -> float:
@@ -123,7 +166,8 @@ def summarize(
     return LoadResult(
         target, op, size, dtype, concurrency, wall, len(latencies), errors, statuses,
         len(latencies) / wall, statistics.median(ordered), pct(0.95), pct(0.99), len(body),
-        latencies,
+        server_timings_s={k: statistics.median(v) for k, v in phases.items()},
+        latencies_s=latencies,
     )  # fmt: skip
 
 
@@ -192,13 +236,14 @@ def render(results: list[LoadResult], ratios: list[dict[str, Any]]) -> None:
     """Print the results and the ratios as Rich tables."""
     table = Table(title="bench http")
     for column in ("target", "op", "size", "conc.", "req", "err", "req/s", "p50 ms", "p95 ms",
-                   "p99 ms", "MB/req"):  # fmt: skip
+                   "p99 ms", "MB/req", "srv decode ms", "srv compute ms"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(
             r.target, r.op, f"{r.size}x{r.size}", str(r.concurrency), str(r.requests),
             str(r.errors), f"{r.rps:.1f}", f"{r.p50_s * 1e3:.1f}", f"{r.p95_s * 1e3:.1f}",
             f"{r.p99_s * 1e3:.1f}", f"{r.upload_bytes / 1e6:.1f}",
+            _ms(r.server_timings_s.get("decode")), _ms(r.server_timings_s.get("total")),
         )  # fmt: skip
     console.print(table)
     if ratios:
@@ -211,6 +256,10 @@ def render(results: list[LoadResult], ratios: list[dict[str, Any]]) -> None:
                 f"{row['p50_ratio']:.2f}x", f"{row['rate_ratio']:.2f}x",
             )  # fmt: skip
         console.print(ratio_table)
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
 def plot(results: list[LoadResult], path: Path) -> None:
@@ -249,6 +298,9 @@ def bench_http(
     concurrency: Annotated[list[int] | None, typer.Option(help="Tasks (repeatable).")] = None,
     duration: Annotated[float, typer.Option(help="Seconds per case.")] = 10.0,
     workers: Annotated[int, typer.Option(help="Server workers when started here.")] = 1,
+    clients: Annotated[
+        int, typer.Option(min=1, help="Load-generator processes sharing the concurrency.")
+    ] = 1,
     backend: Annotated[str, typer.Option(help="Backend when started here.")] = "auto",
     token: Annotated[str | None, typer.Option(envvar="GMS_TOKEN", help="Bearer token.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
@@ -265,7 +317,9 @@ def bench_http(
             floor = floor_url or stack.enter_context(
                 local_server("floor", _free_port(), workers, backend)
             )
-        results = _run_cases(service, floor, op, sizes, dtype, concurrencies, duration, token)
+        results = _run_cases(
+            service, floor, op, sizes, dtype, concurrencies, duration, token, clients
+        )
     ratios = compare(results)
     render(results, ratios)
     if json_path is not None:
@@ -278,7 +332,7 @@ def bench_http(
 
 def _run_cases(
     service: str, floor: str | None, op: str, sizes: list[int], dtype: str,
-    concurrencies: list[int], duration: float, token: str | None,
+    concurrencies: list[int], duration: float, token: str | None, clients: int = 1,
 ) -> list[LoadResult]:  # fmt: skip
     targets = [("service", service)] + ([("floor", floor)] if floor else [])
     results = []
@@ -297,10 +351,17 @@ def _run_cases(
                     # One warm-up request per case keeps start-up costs out of the figures.
                     asyncio.run(drive(f"{base}/v1/ops/{op}", body, content_type,
                                       concurrency=1, duration=0.0, token=token))  # fmt: skip
-                    run = asyncio.run(drive(f"{base}/v1/ops/{op}", body, content_type,
-                                            concurrency=conc, duration=duration, token=token,
-                                            tick=tick))  # fmt: skip
-                    results.append(summarize(name, op, n, dtype, conc, body, run))
+                    if clients > 1:
+                        run = drive_clients(f"{base}/v1/ops/{op}", body, content_type,
+                                            clients=clients, concurrency=conc,
+                                            duration=duration, token=token)  # fmt: skip
+                    else:
+                        run = asyncio.run(drive(f"{base}/v1/ops/{op}", body, content_type,
+                                                concurrency=conc, duration=duration,
+                                                token=token, tick=tick))  # fmt: skip
+                    result = summarize(name, op, n, dtype, conc, body, run)
+                    result.clients = clients
+                    results.append(result)
                     progress.remove_task(task)
     return results
 
