@@ -6,9 +6,10 @@ complete it asks the allocator for the destination array, pinned staging memory 
 backend, and from then on every chunk is copied there once: the upload is never assembled
 in a buffer and copied again. Stored ``.npz`` members are copied as they are, deflated ones
 are inflated chunk by chunk. Zip files this cannot follow as a stream (sizes only in a
-trailing data descriptor, or an unknown first record) are kept whole and handed to
-:func:`gpu_matrix_service.arrays.decode_array` at the end, so every input gets the same
-answer as the whole-file decoder, errors included.
+trailing data descriptor, bzip2 or LZMA compression, or an unknown first record) are kept
+whole and handed to :func:`gpu_matrix_service.arrays.decode_array` at the end, so they get the
+same answer as the whole-file decoder, errors included. The one exception: such a member
+after a streamed one (numpy never writes that) is refused with a 400.
 """
 
 from __future__ import annotations
@@ -232,6 +233,9 @@ class NpzStream:
                 )
             self.needs_whole_file = True  # the caller decodes the whole file instead
             return data
+        if method not in (STORED, DEFLATED) and not self.keys:
+            self.needs_whole_file = True  # bzip2, LZMA: zipfile reads the whole file
+            return data
         packed, size = _zip64_sizes(raw[name_len:], packed, size)
         self._start_member(raw[:name_len].decode("utf-8", "replace"), flags, method, crc,
                            packed, size)  # fmt: skip
@@ -245,7 +249,10 @@ class NpzStream:
         if flags & 0x1:
             raise BadArrayInput(f"{label} is encrypted")
         if method not in (STORED, DEFLATED):
-            raise BadArrayInput(f"{label}: zip compression method {method} is not supported")
+            raise BadArrayInput(
+                f"{label}: zip compression method {method} after the first member is not "
+                "supported; use numpy.savez or numpy.savez_compressed"
+            )
         if size > self.limits.max_bytes + 12 + MAX_HEADER_BYTES:
             raise PayloadTooLarge(
                 f"{label} inflates to {size} bytes; the limit is {self.limits.max_bytes}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import io
+import lzma
 import math
 import re
 import struct
@@ -37,6 +38,15 @@ PREFERRED_KEYS: Final = ("matrix", "arr_0")
 INFLATE_CHUNK_BYTES: Final = 8 * 1024 * 1024
 
 Allocator = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+# What zipfile (and the decompressors under it) raise on a malformed archive. Each was seen
+# from fuzzed input: bad offsets (ValueError), names (UnicodeDecodeError, IndexError),
+# versions (NotImplementedError), encryption (RuntimeError), LZMA/bzip2/zlib data errors.
+ZIP_ERRORS: Final = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, IndexError,
+    KeyError, NotImplementedError, RuntimeError, UnicodeDecodeError, lzma.LZMAError,
+    zlib.error, struct.error,
+)  # fmt: skip
 
 
 def _numpy_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -189,7 +199,10 @@ def check_limits(header: NpyHeader, *, name: str, limits: ArrayLimits) -> None:
             f"{name} has {len(header.shape)} dimensions; the limit is {limits.max_dims}"
         )
     elements = math.prod(header.shape)
-    if elements > limits.max_elements:
+    # With a zero among them the other dimensions could be anything: bound them too, or an
+    # empty array of shape (0, 2**63) would reach numpy (which cannot even describe it).
+    extent = math.prod(dim for dim in header.shape if dim)
+    if elements > limits.max_elements or extent > limits.max_elements:
         raise PayloadTooLarge(
             f"{name} has {elements} elements {list(header.shape)}; the limit is "
             f"{limits.max_elements}"
@@ -234,7 +247,7 @@ def decode_npz(
     try:
         archive = zipfile.ZipFile(io.BytesIO(view))
         members = [info for info in archive.infolist() if not info.is_dir()]
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+    except ZIP_ERRORS:
         raise BadArrayInput(f"{name} is not a valid .npz (zip) archive") from None
     member = _choose_member(members, name)
     label = f"{name}[{member.filename.removesuffix('.npy')}]"
@@ -248,7 +261,7 @@ def decode_npz(
     try:
         with archive.open(member) as stream:
             return _read_npy_stream(stream, member.file_size, label, limits, allocate)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError):
+    except ZIP_ERRORS:
         raise BadArrayInput(f"{label} is corrupt (bad compressed data or checksum)") from None
 
 

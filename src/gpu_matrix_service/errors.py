@@ -62,6 +62,12 @@ class PayloadTooLarge(ServiceError):
     status_code = 413
 
 
+class NotAcceptable(ServiceError):
+    """The result cannot be given in the representation asked for (complex or inf in JSON)."""
+
+    status_code = 406
+
+
 class UnknownOperation(ServiceError):
     """The path names an operation the service does not have."""
 

@@ -280,9 +280,10 @@ async def read_multipart(
     and the decoders' errors for bad arrays.
     """
     boundary = multipart_boundary(content_type)
-    if content_length is not None and content_length.isdigit() and int(content_length) > max_bytes:
+    declared = content_length if content_length and content_length.isascii() else ""
+    if declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(
-            f"request body of {int(content_length)} bytes exceeds the limit of {max_bytes}"
+            f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}"
         )
     splitter = MultipartSplitter(boundary, open_file)
     received = 0

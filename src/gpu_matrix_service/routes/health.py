@@ -36,7 +36,11 @@ async def live() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/health/ready", summary="Readiness: a backend is loaded and the GPU stack is sound")
+@router.get(
+    "/health/ready",
+    summary="Readiness: a backend is loaded and the GPU stack is sound",
+    responses={503: {"description": "Starting, shutting down, or a blocking GPU problem."}},
+)
 async def ready(request: Request) -> JSONResponse:
     """200 once the compute backend is up and doctor's quick checks (driver, devices, device
     nodes; NVML only, milliseconds) find nothing blocking; 503 otherwise, naming what failed."""

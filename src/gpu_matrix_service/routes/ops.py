@@ -6,13 +6,14 @@ import json
 from enum import Enum, StrEnum
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from gpu_matrix_service.arrays import encode_npy, encode_npz
 from gpu_matrix_service.backends.base import Result, RunOptions
-from gpu_matrix_service.errors import PayloadTooLarge
+from gpu_matrix_service.errors import NotAcceptable, PayloadTooLarge
 from gpu_matrix_service.ops import OPS, Op, get_op
 from gpu_matrix_service.routes.state import compute_service, service_metrics, settings_of
 from gpu_matrix_service.uploads import read_multipart
@@ -80,6 +81,18 @@ UPLOAD_BODY = {
         },
     }
 }
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: what went wrong, for a person."""
+
+    detail: str
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "model": OpResponse,
@@ -87,10 +100,14 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "with ?result=npz|npy or an Accept header; timings then come as X- headers.",
         "content": {NPZ_MEDIA_TYPE: {}, NPY_MEDIA_TYPE: {}},
     },
-    400: {"description": "Bad input: mismatched shapes, not an array file, wrong file count."},
-    413: {"description": "Body, array or dimensions over a limit."},
-    415: {"description": "Not multipart/form-data, or a non-numeric dtype."},
-    507: {"description": "The GPU ran out of memory."},
+    400: _error("Bad input: mismatched shapes, not an array file, wrong file count."),
+    401: _error("A bearer token is required (GMS_API_TOKENS) and was missing or wrong."),
+    406: _error("?result=json for a result JSON cannot hold (complex, NaN, infinity)."),
+    413: _error("Body, array or dimensions over a limit."),
+    415: _error("Not multipart/form-data, or a non-numeric dtype."),
+    503: _error("Too many requests queued (Retry-After), or a GPU error in this request."),
+    504: _error("The computation outlasted GMS_COMPUTE_TIMEOUT_SECONDS."),
+    507: _error("The GPU ran out of memory."),
 }
 ResultQuery = Query(None, description="Return the result itself: npz, npy or json.")
 Tf32Query = Query(False, description="matmul: allow TF32 tensor cores (faster, ~1e-3 error).")
@@ -150,8 +167,19 @@ async def run_op(
                 f"result has {outcome.array.size} elements, more than "
                 f"{settings.max_json_result_elements} for ?result=json; use ?result=npz"
             )
-        body["result"] = outcome.array.tolist()
+        body["result"] = json_result(outcome.array)
     return JSONResponse(body)
+
+
+def json_result(array: np.ndarray) -> list[Any]:
+    """The result as nested lists, or 406 when JSON cannot hold it (complex, NaN, inf)."""
+    if array.dtype.kind == "c":
+        raise NotAcceptable("a complex result cannot be returned as JSON; use ?result=npz")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise NotAcceptable("the result holds NaN or infinity, which JSON cannot represent; "
+                            "use ?result=npz")  # fmt: skip
+    values: list[Any] = array.tolist()
+    return values
 
 
 def _summary(outcome: Result, op: Op, timings: dict[str, float]) -> dict[str, Any]:
