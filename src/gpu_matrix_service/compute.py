@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,12 @@ from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.backends.base import Backend, Result, RunOptions
 from gpu_matrix_service.backends.cpu import CpuBackend
 from gpu_matrix_service.backends.registry import select_backend
-from gpu_matrix_service.errors import ComputeTimeout, DeviceOutOfMemory, ServiceOverloaded
+from gpu_matrix_service.errors import (
+    ComputeTimeout,
+    DeviceOutOfMemory,
+    PayloadTooLarge,
+    ServiceOverloaded,
+)
 from gpu_matrix_service.ops import Op, plan
 from gpu_matrix_service.settings import Settings
 
@@ -176,6 +182,13 @@ class ComputeService:
     def run_arrays(self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions) -> Result:
         """Check ``a`` and ``b`` for ``op``, promote them, and compute on the best backend."""
         checked = plan(op, a, b)
+        elements = math.prod(checked.shape)
+        if elements > self.limits.max_elements:
+            # Small operands can ask for a huge product: (n, 1) @ (1, n).
+            raise PayloadTooLarge(
+                f"the result would have {elements} elements {list(checked.shape)}; the limit "
+                f"is {self.limits.max_elements}"
+            )
         a = a.astype(checked.dtype, copy=False)
         b = b.astype(checked.dtype, copy=False)
         backend = self.backend

@@ -257,3 +257,11 @@ def test_fifty_bad_requests_leave_the_service_healthy_and_correct(client, rng):
     assert client.get("/health").json()["status"] == "ok"
     response = client.post("/add?result=npz", files=files(npz_bytes(good), npz_bytes(good)))
     np.testing.assert_array_equal(_npz_result(response), good + good)
+
+
+def test_a_result_over_the_element_limit_is_413_before_computing(rng):
+    settings = Settings(backend="cpu", max_array_elements=10_000, _env_file=None)
+    with TestClient(create_app(settings)) as client:
+        a, b = rng.standard_normal((1000, 1)), rng.standard_normal((1, 1000))
+        response = client.post("/v1/ops/matmul", files=files(npz_bytes(a), npz_bytes(b)))
+    _error(response, 413, "1000000 elements", "[1000, 1000]")
