@@ -15,9 +15,11 @@ from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 
@@ -59,12 +61,32 @@ class GpuSnapshot:
     reason: str | None = None
 
 
-def _load_pynvml() -> ModuleType | None:
+def load_pynvml() -> ModuleType | None:
+    """The ``pynvml`` module (nvidia-ml-py), or None when it is not installed."""
     try:
-        import pynvml  # nvidia-ml-py
+        import pynvml
     except ImportError:
         return None
     return pynvml
+
+
+def optional(nvml: ModuleType, read: Callable[..., T], *args: object) -> T | None:
+    """``read(*args)``, or None when NVML says the device or driver does not offer it
+    (NOT_SUPPORTED under MIG, on some boards)."""
+    try:
+        return read(*args)
+    except nvml.NVMLError:
+        return None
+
+
+def text(value: str | bytes) -> str:
+    """An NVML string (bytes in older nvidia-ml-py releases) as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def cuda_text(code: int) -> str:
+    """NVML's integer CUDA version (12040) as text ("12.4")."""
+    return f"{code // 1000}.{(code % 1000) // 10}"
 
 
 def this_process() -> set[int]:
@@ -98,7 +120,7 @@ class GpuMonitor:
         service_pids: Callable[[], Collection[int]] = this_process,
     ) -> None:
         self._service_pids = service_pids
-        self._nvml = nvml if nvml is not None else _load_pynvml()
+        self._nvml = nvml if nvml is not None else load_pynvml()
         self._lock = threading.Lock()
         self.reason: str | None = None
         self.available = False
@@ -121,8 +143,8 @@ class GpuMonitor:
         with self._lock:
             try:
                 count = nvml.nvmlDeviceGetCount()
-                driver = _text(nvml.nvmlSystemGetDriverVersion())
-                cuda = _cuda_version(nvml.nvmlSystemGetCudaDriverVersion())
+                driver = text(nvml.nvmlSystemGetDriverVersion())
+                cuda = cuda_text(nvml.nvmlSystemGetCudaDriverVersion())
             except nvml.NVMLError as exc:
                 return GpuSnapshot([], None, None, f"NVML query failed: {exc}")
             gpus = []
@@ -139,15 +161,15 @@ class GpuMonitor:
         assert nvml is not None
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-        util = self._optional(lambda: nvml.nvmlDeviceGetUtilizationRates(handle))
-        temperature = self._optional(
-            lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+        util = optional(nvml, nvml.nvmlDeviceGetUtilizationRates, handle)
+        temperature = optional(
+            nvml, nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU
         )
-        power_mw = self._optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle))
+        power_mw = optional(nvml, nvml.nvmlDeviceGetPowerUsage, handle)
         return GpuStatus(
             index=index,
-            name=_text(nvml.nvmlDeviceGetName(handle)),
-            uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+            name=text(nvml.nvmlDeviceGetName(handle)),
+            uuid=text(nvml.nvmlDeviceGetUUID(handle)),
             memory_total_bytes=int(memory.total),
             memory_used_bytes=int(memory.used),
             memory_free_bytes=int(memory.free),
@@ -158,18 +180,10 @@ class GpuMonitor:
             process_memory_bytes=self._process_memory(handle),
         )
 
-    def _optional(self, read: Any) -> Any:
-        """A reading some devices lack (NOT_SUPPORTED under MIG, on some boards): None then."""
-        assert self._nvml is not None
-        try:
-            return read()
-        except self._nvml.NVMLError:
-            return None
-
     def _process_memory(self, handle: object) -> int | None:
         """GPU memory the service's processes hold on the device, in bytes (0 when none)."""
         assert self._nvml is not None
-        processes = self._optional(lambda: self._nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+        processes = optional(self._nvml, self._nvml.nvmlDeviceGetComputeRunningProcesses, handle)
         if processes is None:
             return None
         pids = self._service_pids()
@@ -185,12 +199,3 @@ class GpuMonitor:
                 except self._nvml.NVMLError as exc:
                     log.debug("nvmlShutdown: %s", exc)
             self.available = False
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _cuda_version(code: int) -> str:
-    """NVML's integer CUDA version (12040) as text ("12.4")."""
-    return f"{code // 1000}.{(code % 1000) // 10}"

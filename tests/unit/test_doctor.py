@@ -24,10 +24,11 @@ from gpu_matrix_service.doctor.library import (
     find_kernel_library,
     read_code_archs,
 )
-from gpu_matrix_service.doctor.nvml_queries import NvmlInventory, load_pynvml, read_inventory
+from gpu_matrix_service.doctor.nvml_queries import NvmlInventory, read_inventory
 from gpu_matrix_service.doctor.probe_runner import ProbeResult, run_probe
 from gpu_matrix_service.doctor.report import gpu_family, gres_type, label_value
 from gpu_matrix_service.doctor.workload import FRAMEWORKS, framework_check, measurement_checks
+from gpu_matrix_service.gpu import load_pynvml
 from gpu_matrix_service.settings import Settings
 
 from fake_nvml import FakeGpu, FakeNvml

@@ -13,7 +13,8 @@ from types import ModuleType
 
 from gpu_matrix_service.doctor import container, gpu_checks, library, probe_runner, workload
 from gpu_matrix_service.doctor.checks import VERDICTS, Check, Host
-from gpu_matrix_service.doctor.nvml_queries import NvmlInventory, load_pynvml, read_inventory
+from gpu_matrix_service.doctor.nvml_queries import NvmlInventory, read_inventory
+from gpu_matrix_service.gpu import load_pynvml
 from gpu_matrix_service.settings import Settings
 
 

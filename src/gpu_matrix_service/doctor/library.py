@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpu_matrix_service.doctor.checks import Check, Host, problem
-from gpu_matrix_service.doctor.nvml_queries import DeviceFacts, NvmlInventory, cuda_text
+from gpu_matrix_service.doctor.nvml_queries import DeviceFacts, NvmlInventory
 from gpu_matrix_service.doctor.probe_runner import ProbeRunner
+from gpu_matrix_service.gpu import cuda_text
 from gpu_matrix_service.settings import Settings
 
 FATBIN_MAGIC = 0xBA55ED50

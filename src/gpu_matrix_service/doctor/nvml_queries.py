@@ -11,12 +11,11 @@ others. :func:`read_inventory` opens and closes its own NVML session (NVML count
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from gpu_matrix_service.gpu import cuda_text, optional, text
 
 # Clock-event bits that mean the GPU is being slowed down by heat or the board, not by idling.
 SLOWDOWN_REASONS: dict[int, str] = {
@@ -121,20 +120,6 @@ class NvmlInventory:
         return None if self.cuda_driver_version is None else cuda_text(self.cuda_driver_version)
 
 
-def cuda_text(code: int) -> str:
-    """A CUDA version integer (12040) as text ("12.4")."""
-    return f"{code // 1000}.{(code % 1000) // 10}"
-
-
-def load_pynvml() -> ModuleType | None:
-    """The ``pynvml`` module (nvidia-ml-py), or None when it is not installed."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    return pynvml
-
-
 def read_inventory(nvml: ModuleType | None) -> NvmlInventory:
     """Open NVML, read the driver and every GPU, close NVML. Never raises on NVML errors."""
     if nvml is None:
@@ -153,7 +138,7 @@ def read_inventory(nvml: ModuleType | None) -> NvmlInventory:
 
 def _read_all(nvml: ModuleType) -> NvmlInventory:
     try:
-        driver = _text(nvml.nvmlSystemGetDriverVersion())
+        driver = text(nvml.nvmlSystemGetDriverVersion())
         cuda = int(nvml.nvmlSystemGetCudaDriverVersion())
         count = int(nvml.nvmlDeviceGetCount())
     except nvml.NVMLError as exc:
@@ -173,8 +158,8 @@ def read_device(nvml: ModuleType, index: int) -> DeviceFacts:
     memory = nvml.nvmlDeviceGetMemoryInfo(handle)
     return DeviceFacts(
         index=index,
-        name=_text(nvml.nvmlDeviceGetName(handle)),
-        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+        name=text(nvml.nvmlDeviceGetName(handle)),
+        uuid=text(nvml.nvmlDeviceGetUUID(handle)),
         memory_total_bytes=int(memory.total),
         memory_used_bytes=int(memory.used),
         minor_number=optional(nvml, nvml.nvmlDeviceGetMinorNumber, handle),
@@ -207,14 +192,6 @@ def read_device(nvml: ModuleType, index: int) -> DeviceFacts:
     )
 
 
-def optional(nvml: ModuleType, read: Callable[..., T], *args: object) -> T | None:
-    """``read(*args)``, or None when NVML says the device or driver does not offer it."""
-    try:
-        return read(*args)
-    except nvml.NVMLError:
-        return None
-
-
 def compute_capability(nvml: ModuleType, handle: object) -> tuple[int, int] | None:
     """(major, minor) CUDA compute capability, e.g. (9, 0) for an H100."""
     value = optional(nvml, nvml.nvmlDeviceGetCudaComputeCapability, handle)
@@ -224,7 +201,7 @@ def compute_capability(nvml: ModuleType, handle: object) -> tuple[int, int] | No
 def pci_bus_id(nvml: ModuleType, handle: object) -> str | None:
     """The PCI bus id, e.g. ``00000000:18:00.0``."""
     info = optional(nvml, nvml.nvmlDeviceGetPciInfo, handle)
-    return None if info is None else _text(info.busId)
+    return None if info is None else text(info.busId)
 
 
 def mig_mode(nvml: ModuleType, handle: object) -> tuple[bool, bool] | None:
@@ -284,12 +261,8 @@ def persistence_mode(nvml: ModuleType, handle: object) -> bool | None:
 def slowdown_reasons(nvml: ModuleType, handle: object) -> list[str]:
     """The thermal, power-brake or hardware slowdowns active now (empty when none)."""
     bits = optional(nvml, nvml.nvmlDeviceGetCurrentClocksThrottleReasons, handle) or 0
-    return [text for bit, text in SLOWDOWN_REASONS.items() if int(bits) & bit]
+    return [reason for bit, reason in SLOWDOWN_REASONS.items() if int(bits) & bit]
 
 
 def _pair(first: int | None, second: int | None) -> tuple[int, int] | None:
     return None if first is None or second is None else (int(first), int(second))
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
