@@ -33,7 +33,7 @@ section "hadolint (Dockerfile)"
 hadolint Dockerfile
 
 section "shellcheck (scripts, Git hooks)"
-shellcheck scripts/*.sh .githooks/pre-commit
+shellcheck scripts/*.sh .githooks/pre-commit deploy/slurm/*.sbatch
 
 section "yamllint (every YAML file, .yamllint)"
 yamllint --strict .

@@ -10,6 +10,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gpu_matrix_service import __version__
+from gpu_matrix_service.batch import run_command
 from gpu_matrix_service.bench.compute import bench_compute
 from gpu_matrix_service.bench.http import bench_http
 from gpu_matrix_service.client import DEFAULT_URL, Client, OpResult, ServiceResponseError
@@ -92,6 +94,20 @@ def _uvicorn_log_config(level: str) -> dict[str, Any]:
     return config
 
 
+# serve's options for --engine ray: not settings, so never exported as GMS_ variables.
+RAY_OPTIONS = frozenset(
+    {"ray_address", "replicas", "num_gpus", "num_cpus", "min_replicas", "max_replicas",
+     "target_ongoing_requests"}
+)  # fmt: skip
+
+
+class Engine(StrEnum):
+    """What runs the app: uvicorn on this machine, or Ray Serve replicas on a Ray cluster."""
+
+    uvicorn = "uvicorn"
+    ray = "ray"
+
+
 def _opt(kind: type, env: str, text: str) -> Any:
     return Annotated[kind | None, typer.Option(help=f"{text} [{env}]", show_default=False)]
 
@@ -133,15 +149,51 @@ def serve(
     cors_origins: _opt(str, "GMS_CORS_ORIGINS", "CORS origins, comma-separated.") = None,
     metrics_dir: _opt(Path, "GMS_METRICS_DIR", "Multiprocess metrics directory.") = None,
     instance: _opt(str, "GMS_INSTANCE", "Instance name for metrics.") = None,
+    engine: Annotated[
+        Engine, typer.Option(help="uvicorn (this machine) or ray (Ray Serve replicas).")
+    ] = Engine.uvicorn,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="--engine ray: auto, HOST:PORT or ray://HOST:10001 (default: RAY_ADDRESS, "
+            "a cluster on this node, else a new local one).",
+            show_default=False,
+        ),
+    ] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="--engine ray: replicas.")] = 1,
+    num_gpus: Annotated[
+        float, typer.Option(min=0, help="--engine ray: GPUs per replica (0.5 shares one).")
+    ] = 1.0,
+    num_cpus: Annotated[float, typer.Option(min=0, help="--engine ray: CPUs per replica.")] = 1.0,
+    min_replicas: Annotated[
+        int | None,
+        typer.Option(min=0, help="--engine ray: autoscale from this many.", show_default=False),
+    ] = None,
+    max_replicas: Annotated[
+        int | None,
+        typer.Option(min=1, help="--engine ray: autoscale up to this many.", show_default=False),
+    ] = None,
+    target_ongoing_requests: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="--engine ray: ongoing requests per replica to aim at.", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Start the HTTP service (on the GPU when one works, else the CPU).
 
     Every option overrides the GMS_ environment variable in brackets; see the README's
     configuration table.
     """
+    settings = _apply_overrides(
+        **{k: v for k, v in locals().items() if k not in RAY_OPTIONS and k != "engine"}
+    )
+    if engine is Engine.ray:
+        plan = {k: v for k, v in locals().items() if k in RAY_OPTIONS and k != "ray_address"}
+        _serve_with_ray(settings, plan, ray_address)
+        return
     import uvicorn
 
-    settings = _apply_overrides(**{k: v for k, v in locals().items() if k != "uvicorn"})
     if settings.workers > 1:
         settings = _prepare_multiprocess_metrics(settings)
     options: dict[str, Any] = {
@@ -159,6 +211,17 @@ def serve(
         uvicorn.run(APP_FACTORY, **options)
     else:
         _graceful_server_class()(uvicorn.Config(APP_FACTORY, **options)).run()
+
+
+def _serve_with_ray(settings: Settings, plan_options: dict[str, Any], address: str | None) -> None:
+    from gpu_matrix_service.engines import EngineUnavailable
+
+    try:
+        from gpu_matrix_service.engines.ray_serve import ReplicaPlan, serve_with_ray
+    except EngineUnavailable as exc:
+        err_console.print(f"[red]error[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    serve_with_ray(settings, ReplicaPlan(**plan_options), address)
 
 
 def _prepare_multiprocess_metrics(settings: Settings) -> Settings:
@@ -251,6 +314,8 @@ def build_kernels_command(
 
 
 app.command("doctor")(doctor_command)
+
+app.command("run")(run_command)
 
 bench_app = typer.Typer(help="Benchmarks: the compute phase per backend, and HTTP end to end.")
 app.add_typer(bench_app, name="bench")
