@@ -590,7 +590,23 @@ def test_a_probe_that_hangs_fails_the_workload_where_a_gpu_is_present(settings, 
         backends=ProbeResult(None, "no answer after 300 s (killed): CUDA hangs here")
     )
     code, report = doctor_json(settings, two_gpus(), make_host(tmp_path, gpus=2), probes)
-    assert code == 1 and find(report["checks"], "backends")["value"].startswith("probe no answer")
+    assert code == 1
+    cuda = find(report["checks"], "backend cuda")
+    assert cuda["verdict"] == "fail" and cuda["value"].startswith("probe no answer")
+
+
+def test_a_backend_that_answers_then_crashes_at_exit_is_a_warning_not_a_failure(settings, tmp_path):
+    # Seen on two H200s: numba-cuda's exit handlers segfault after correct answers.
+    gpus = [f"{H100} (cuda:{i})" for i in range(2)]
+    answers = {"numba": backend_ok("numba", gpus)}
+    probes = FakeProbes(
+        backends=ProbeResult(answers, "crashed at exit with SIGSEGV: Fatal Python error")
+    )
+    code, report = doctor_json(settings, two_gpus(), make_host(tmp_path, gpus=2), probes)
+    numba = find(report["checks"], "backend numba")
+    assert numba["verdict"] == "warn"
+    assert "crashed at exit with SIGSEGV" in numba["value"]
+    assert "cuda backend" in numba["hint"]
 
 
 def test_slow_copies_and_matmul_warn_against_what_the_device_should_reach():

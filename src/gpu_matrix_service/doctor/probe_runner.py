@@ -20,7 +20,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """A probe's answer (``data``), or why there is none (``error``: crashed, hung...)."""
+    """A probe's answer (``data``), or why there is none (``error``: crashed, hung...).
+
+    Both are set when the probe answered and then crashed on its way out.
+    """
 
     data: dict[str, Any] | None
     error: str | None = None
@@ -41,14 +44,17 @@ def run_probe(kind: str, args: dict[str, Any], timeout_s: float) -> ProbeResult:
     except OSError as exc:
         return ProbeResult(None, f"cannot start {sys.executable}: {exc}")
     tail = " ".join(done.stderr.strip().splitlines()[-3:])[-400:]
-    if done.returncode < 0:
-        name = signal.Signals(-done.returncode).name
-        return ProbeResult(None, f"crashed with {name}: {tail or 'no message'}")
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     try:
         data = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         data = None
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        if isinstance(data, dict):
+            # It answered, then died in interpreter teardown (a library's exit handlers).
+            return ProbeResult(data, f"crashed at exit with {name}: {tail or 'no message'}")
+        return ProbeResult(None, f"crashed with {name}: {tail or 'no message'}")
     if not isinstance(data, dict):
         return ProbeResult(None, f"exit code {done.returncode}, no answer: {tail or 'no message'}")
     data["probe_seconds"] = round(time.monotonic() - started, 2)

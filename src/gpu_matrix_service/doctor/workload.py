@@ -121,6 +121,13 @@ def framework_check(
     return Check(name, group, "pass", value, data=data)
 
 
+EXIT_CRASH_HINT = (
+    "the answers were right, but a service on this backend would crash when it stops (seen with "
+    "numba-cuda 0.30 on two GPUs: its exit handlers unload a kernel module in another GPU's "
+    "context); serve with the cuda backend, which auto picks, or limit GMS_DEVICES to one GPU"
+)
+
+
 def workload_checks(
     settings: Settings,
     inventory: NvmlInventory,
@@ -137,20 +144,17 @@ def workload_checks(
         **settings.model_dump(mode="json", include=BACKEND_SETTINGS),
         "kernel_lib": lib.path and str(lib.path),
     }
-    answer = probe("backends", {"settings": config, "names": names}, BACKENDS_TIMEOUT_S)
-    if answer.data is None:
-        return [
-            Check(
-                "backends",
-                "workload",
-                problem(gpu_expected),
-                f"probe {answer.error}",
-                "building a backend hangs or crashes: the CUDA driver is broken here "
-                "(see `dmesg` for Xid errors)",
-                gpu_expected,
-            )
-        ]
-    results: dict[str, dict[str, Any]] = dict(answer.data)
+    # One process per backend, so a crash is pinned on the backend that crashed.
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        answer = probe("backends", {"settings": config, "names": [name]}, BACKENDS_TIMEOUT_S)
+        if answer.data is None:
+            results[name] = {"status": "error", "detail": f"probe {answer.error}"}
+            continue
+        result = dict(answer.data.get(name, {"status": "error", "detail": "no answer"}))
+        if answer.error:
+            result["exit_crash"] = answer.error
+        results[name] = result
     results.setdefault("cuda", {"status": "unavailable", "detail": f"kernel library {lib.detail}"})
     missing = {"status": "error", "detail": "the probe did not answer for it"}
     checks = [backend_check(n, results.get(n, missing), gpu_expected) for n in AUTO_ORDER]
@@ -181,6 +185,9 @@ def backend_check(name: str, result: dict[str, Any], gpu_expected: bool) -> Chec
         if result.get("skipped") and name != "cpu":
             value += f"; not on the GPU: {', '.join(result['skipped'])}"
             return Check(label, "workload", "warn", value, NO_CUBLAS_HINT, data=result)
+        if result.get("exit_crash"):
+            value += f"; then its process {result['exit_crash']}"
+            return Check(label, "workload", "warn", value, EXIT_CRASH_HINT, data=result)
         return Check(label, "workload", "pass", value, data=result)
     if status == "wrong":
         hint = (
