@@ -6,10 +6,11 @@ complete it asks the allocator for the destination array, pinned staging memory 
 backend, and from then on every chunk is copied there once: the upload is never assembled
 in a buffer and copied again. Stored ``.npz`` members are copied as they are, deflated ones
 are inflated chunk by chunk. Zip files this cannot follow as a stream (sizes only in a
-trailing data descriptor, bzip2 or LZMA compression, or an unknown first record) are kept
-whole and handed to :func:`gpu_matrix_service.arrays.decode_array` at the end, so they get the
-same answer as the whole-file decoder, errors included. The one exception: such a member
-after a streamed one (numpy never writes that) is refused with a 400.
+trailing data descriptor, or an unknown first record) are kept whole and handed to
+:func:`gpu_matrix_service.arrays.decode_array` at the end, so they get the same answer as the
+whole-file decoder, errors included. Refused here but read by the whole-file decoder (the
+command line's): bzip2 and LZMA members, which numpy never writes and which would hold the
+event loop while they inflate, and data descriptors after a streamed member.
 """
 
 from __future__ import annotations
@@ -49,10 +50,18 @@ INFLATE_STEP: Final = 4 * 1024 * 1024
 
 
 class NpyStream:
-    """One ``.npy`` byte stream, decoded into an array from ``allocate`` as it arrives."""
+    """One ``.npy`` byte stream, decoded into an array from ``allocate`` as it arrives.
 
-    def __init__(self, name: str, limits: ArrayLimits, allocate: Allocator) -> None:
+    ``most_bytes`` is the most this stream can possibly carry (what is left of the request
+    body, or what a zip member's compressed size can inflate to): a header declaring more is
+    refused before anything is allocated, so a few bytes of headers cannot reserve gigabytes.
+    """
+
+    def __init__(
+        self, name: str, limits: ArrayLimits, allocate: Allocator, most_bytes: int
+    ) -> None:
         self.name, self.limits, self.allocate = name, limits, allocate
+        self.most_bytes = most_bytes
         self._head = bytearray()
         self._header: NpyHeader | None = None
         self._out: np.ndarray | None = None
@@ -88,6 +97,11 @@ class NpyStream:
         if len(self._head) < start + length:
             return memoryview(b"")
         header = parse_npy_header(self._head, name=self.name, limits=self.limits)
+        if header.data_offset + header.nbytes > self.most_bytes:
+            raise PayloadTooLarge(
+                f"{self.name} declares {header.nbytes} bytes of data, more than the "
+                f"{self.most_bytes} its upload can carry"
+            )
         rest = memoryview(bytes(self._head[header.data_offset :]))
         self._head = bytearray()
         self._header = header
@@ -137,6 +151,8 @@ class _Member:
         self.produced = 0
 
     def feed(self, data: memoryview, label: str) -> None:
+        if self.decoder is None:
+            return  # a member nobody will use: not inflated, not checked
         if self.inflater is None:
             self._content(data, label)
             return
@@ -159,6 +175,8 @@ class _Member:
             self.decoder.feed(data)
 
     def close(self, label: str) -> None:
+        if self.decoder is None:
+            return
         if self.inflater is not None:
             try:
                 self._content(memoryview(self.inflater.flush()), label)
@@ -233,9 +251,6 @@ class NpzStream:
                 )
             self.needs_whole_file = True  # the caller decodes the whole file instead
             return data
-        if method not in (STORED, DEFLATED) and not self.keys:
-            self.needs_whole_file = True  # bzip2, LZMA: zipfile reads the whole file
-            return data
         packed, size = _zip64_sizes(raw[name_len:], packed, size)
         self._start_member(raw[:name_len].decode("utf-8", "replace"), flags, method, crc,
                            packed, size)  # fmt: skip
@@ -249,20 +264,28 @@ class NpzStream:
         if flags & 0x1:
             raise BadArrayInput(f"{label} is encrypted")
         if method not in (STORED, DEFLATED):
+            # numpy writes stored or deflated members; inflating bzip2 or LZMA would hold the
+            # event loop for seconds per request.
             raise BadArrayInput(
-                f"{label}: zip compression method {method} after the first member is not "
-                "supported; use numpy.savez or numpy.savez_compressed"
+                f"{label}: zip compression method {method} is not supported; use numpy.savez "
+                "or numpy.savez_compressed"
             )
         if size > self.limits.max_bytes + 12 + MAX_HEADER_BYTES:
             raise PayloadTooLarge(
                 f"{label} inflates to {size} bytes; the limit is {self.limits.max_bytes}"
             )
-        # Decode the first member and any that could win the choice; skip the rest.
+        # Decode the first member and any that could win the choice; skip the rest, and
+        # directory entries.
         decoder = None
-        if not self.keys or key in PREFERRED_KEYS:
-            decoder = NpyStream(label, self.limits, self.allocate)
+        if filename.endswith("/"):
+            pass
+        elif not self.keys or key in PREFERRED_KEYS:
+            # Deflate cannot compress better than about 1032:1.
+            most = packed if method == STORED else packed * 1032 + 64 * 1024
+            decoder = NpyStream(label, self.limits, self.allocate, most)
             self.arrays[key] = decoder
-        self.keys.append(key)
+        if not filename.endswith("/"):
+            self.keys.append(key)
         verify = method == DEFLATED or self.limits.verify_stored_crc
         self._member = _Member(key, method, crc, packed, size, decoder, verify)
         if packed == 0:
@@ -309,8 +332,16 @@ class ArrayStream:
     :class:`~gpu_matrix_service.errors.ServiceError` the whole-file decoder would.
     """
 
-    def __init__(self, name: str, limits: ArrayLimits, allocate: Allocator = _numpy_empty) -> None:
+    def __init__(
+        self,
+        name: str,
+        limits: ArrayLimits,
+        allocate: Allocator = _numpy_empty,
+        most_bytes: int | None = None,
+    ) -> None:
+        # most_bytes: the most this upload can be (the rest of the request body).
         self.name, self.limits, self.allocate = name, limits, allocate
+        self.most_bytes = most_bytes if most_bytes is not None else limits.max_bytes * 2
         self._sniff = bytearray()
         self._stream: NpyStream | NpzStream | None = None
         self._whole: bytearray | None = None  # kept when streaming is not possible
@@ -343,7 +374,7 @@ class ArrayStream:
 
     def _open(self, magic: bytes) -> NpyStream | NpzStream | None:
         if magic == NPY_MAGIC:
-            return NpyStream(self.name, self.limits, self.allocate)
+            return NpyStream(self.name, self.limits, self.allocate, self.most_bytes)
         if magic[:4] == LOCAL_SIGNATURE:
             return NpzStream(self.name, self.limits, self.allocate)
         return None  # garbage or an odd zip: the whole-file decoder says what is wrong

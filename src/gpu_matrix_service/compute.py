@@ -139,9 +139,10 @@ class ComputeService:
             if not ticket.handed_to_worker:
                 ticket.release()
 
-    def open_stream(self, name: str) -> ArrayStream:
-        """A decoder for one uploaded file, writing into the backend's host memory."""
-        return ArrayStream(name, self.limits, self._allocate)
+    def open_stream(self, name: str, most_bytes: int) -> ArrayStream:
+        """A decoder for one uploaded file of at most ``most_bytes``, writing into the
+        backend's host memory."""
+        return ArrayStream(name, self.limits, self._allocate, most_bytes)
 
     async def compute(
         self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions, ticket: Ticket

@@ -122,14 +122,23 @@ class _State(Enum):
 class MultipartSplitter:
     """Splits a ``multipart/form-data`` body, fed in chunks, into parts.
 
-    ``open_file(name)`` gives the :class:`ArrayStream` for a file part. Part data is passed on
+    ``open_file(name, most_bytes)`` gives the :class:`ArrayStream` for a file part; at most
+    ``max_files`` are accepted. Part data is passed on
     as memoryview slices of the received chunks: found with ``bytes.find`` and never copied,
     except for the few bytes at a chunk's end that might begin a delimiter.
     """
 
-    def __init__(self, boundary: bytes, open_file: Callable[[str], ArrayStream]) -> None:
+    def __init__(
+        self,
+        boundary: bytes,
+        open_file: Callable[[str, int], ArrayStream],
+        body_bytes: int,
+        max_files: int = 2,
+    ) -> None:
         self.delimiter = b"\r\n--" + boundary
         self.open_file = open_file
+        self.body_bytes = body_bytes  # the most the body can be: Content-Length or the cap
+        self.max_files = max_files
         self.parts: list[Part] = []
         self._state = _State.DATA
         self._current: Part | None = None  # None in the preamble
@@ -240,7 +249,14 @@ class MultipartSplitter:
             content_type=headers.get("content-type"),
         )
         if part.is_file:
-            part.stream = self.open_file(part.name)
+            files = sum(1 for other in self.parts if other.is_file)
+            if files >= self.max_files:
+                # Refused before a decoder (and its memory) exists for it.
+                raise BadRequest(
+                    f"expected exactly {self.max_files} uploaded files (fields file_a and "
+                    f"file_b), got {files + 1} or more"
+                )
+            part.stream = self.open_file(part.name, self.body_bytes)
         self.parts.append(part)
         self._current = part
         self._state = _State.DATA
@@ -271,7 +287,7 @@ async def read_multipart(
     content_type: str | None,
     content_length: str | None,
     max_bytes: int,
-    open_file: Callable[[str], ArrayStream],
+    open_file: Callable[[str, int], ArrayStream],
 ) -> Upload:
     """Parse a streamed ``multipart/form-data`` body, decoding file parts as they arrive.
 
@@ -285,7 +301,9 @@ async def read_multipart(
         raise PayloadTooLarge(
             f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}"
         )
-    splitter = MultipartSplitter(boundary, open_file)
+    splitter = MultipartSplitter(
+        boundary, open_file, int(declared) if declared.isdigit() else max_bytes
+    )
     received = 0
     async for chunk in chunks:
         received += len(chunk)

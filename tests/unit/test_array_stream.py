@@ -153,7 +153,7 @@ def read(body: bytes, chunk: int, boundary: str = "b0undary"):
         read_multipart(
             chunks(), content_type=f"multipart/form-data; boundary={boundary}",
             content_length=None, max_bytes=1 << 30,
-            open_file=lambda name: ArrayStream(name, LIMITS),
+            open_file=lambda name, most: ArrayStream(name, LIMITS, most_bytes=most),
         )
     )  # fmt: skip
 
@@ -186,3 +186,57 @@ def test_corrupt_deflate_data_is_always_a_400_never_a_zlib_error():
         data[len(data) // 2 : len(data) // 2 + 32] = bytes(32)
         with pytest.raises(BadArrayInput):
             stream_decode(bytes(data), 500)
+
+
+def test_a_header_declaring_more_than_the_upload_can_carry_allocates_nothing():
+    allocations = []
+
+    def allocate(shape, dtype):
+        allocations.append(shape)
+        return np.empty(shape, dtype)
+
+    header_only = npy_bytes(np.zeros((1000, 1000)))[:128]  # declares 8 MB, sends 128 bytes
+    stream = ArrayStream("file_a", LIMITS, allocate, most_bytes=4096)
+    with pytest.raises(PayloadTooLarge, match="more than the 4096 its upload can carry"):
+        stream.feed(memoryview(header_only))
+    assert allocations == []
+
+
+def test_sixteen_bare_headers_are_refused_before_a_third_file_is_opened():
+    opened = []
+
+    def open_file(name, most):
+        opened.append(name)
+        return ArrayStream(name, LIMITS, most_bytes=most)
+
+    header = npy_bytes(np.zeros(4))[:128]
+    body = multipart([(f"f{i}", f"f{i}.npy", header) for i in range(16)])
+
+    async def chunks():
+        yield body
+
+    with pytest.raises(BadRequest, match="got 3 or more"):
+        asyncio.run(
+            read_multipart(chunks(), content_type="multipart/form-data; boundary=b0undary",
+                           content_length=str(len(body)), max_bytes=1 << 20,
+                           open_file=open_file)
+        )  # fmt: skip
+    assert opened == ["f0", "f1"]
+
+
+def test_zip_directory_entries_are_skipped_like_the_whole_file_decoder_does(rng):
+    a = rng.standard_normal(5)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("d/", b"")
+        archive.writestr("x.npy", npy_bytes(a))
+    np.testing.assert_array_equal(stream_decode(buffer.getvalue(), 100), a)
+    np.testing.assert_array_equal(decode_array(buffer.getvalue(), name="f", limits=LIMITS), a)
+
+
+def test_bzip2_members_are_refused_while_streaming(rng):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_BZIP2) as archive:
+        archive.writestr("arr_0.npy", npy_bytes(rng.standard_normal(5)))
+    with pytest.raises(BadArrayInput, match="compression method 12 is not supported"):
+        stream_decode(buffer.getvalue(), 100)

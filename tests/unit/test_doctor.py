@@ -602,7 +602,7 @@ def test_a_backend_that_answers_then_crashes_at_exit_is_a_warning_not_a_failure(
     probes = FakeProbes(
         backends=ProbeResult(answers, "crashed at exit with SIGSEGV: Fatal Python error")
     )
-    code, report = doctor_json(settings, two_gpus(), make_host(tmp_path, gpus=2), probes)
+    _, report = doctor_json(settings, two_gpus(), make_host(tmp_path, gpus=2), probes)
     numba = find(report["checks"], "backend numba")
     assert numba["verdict"] == "warn"
     assert "crashed at exit with SIGSEGV" in numba["value"]
