@@ -28,16 +28,10 @@ from gpu_matrix_service.errors import ServiceError
 from gpu_matrix_service.gpu import GpuMonitor, this_process, this_process_and_siblings
 from gpu_matrix_service.metrics import GpuCollector, ServiceMetrics
 from gpu_matrix_service.routes import health, metrics, ops
+from gpu_matrix_service.routes.state import route_template
 from gpu_matrix_service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-UNMATCHED = "<unmatched>"
-
-
-def route_template(scope: Scope) -> str:
-    """The matched route's path template (``/v1/ops/{op}``), never the raw path."""
-    return getattr(scope.get("route"), "path", UNMATCHED)
 
 
 class RequestMetricsMiddleware:
@@ -138,7 +132,8 @@ def _install_error_handlers(app: FastAPI, service_metrics: ServiceMetrics) -> No
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         record(request, type(exc).__name__)
-        log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.detail)
+        # %r: details quote client-chosen names, which must not forge log lines.
+        log.info("%s %s -> %d: %r", request.method, request.url.path, exc.status_code, exc.detail)
         return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -42,6 +42,10 @@ APP_FACTORY = "gpu_matrix_service.app:create_app"
 UrlOption = Annotated[
     str, typer.Option("--url", envvar="GMS_URL", help="Base URL of a running service.")
 ]
+TokenOption = Annotated[
+    str | None,
+    typer.Option("--token", envvar="GMS_TOKEN", help="Bearer token, for a service with tokens."),
+]
 OutputOption = Annotated[
     Path | None, typer.Option("--output", "-o", help="Write the result to this .npz file.")
 ]
@@ -137,6 +141,10 @@ def serve(
     compute_timeout_seconds: _opt(
         float, "GMS_COMPUTE_TIMEOUT_SECONDS", "Per-request compute timeout (504)."
     ) = None,
+    upload_timeout_seconds: _opt(
+        float, "GMS_UPLOAD_TIMEOUT_SECONDS", "Longest an upload may take (408)."
+    ) = None,
+    max_matmul_macs: _opt(int, "GMS_MAX_MATMUL_MACS", "Most multiply-adds per matmul.") = None,
     shutdown_timeout_seconds: _opt(
         float, "GMS_SHUTDOWN_TIMEOUT_SECONDS", "Grace for in-flight requests on SIGTERM."
     ) = None,
@@ -194,7 +202,7 @@ def serve(
         return
     import uvicorn
 
-    if settings.workers > 1:
+    if settings.workers > 1 or settings.metrics_dir is not None:
         settings = _prepare_multiprocess_metrics(settings)
     options: dict[str, Any] = {
         "factory": True,
@@ -260,9 +268,10 @@ def add(
     b: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Second .npz/.npy.")],
     url: UrlOption = DEFAULT_URL,
     output: OutputOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Add two matrices on a running service (POST /add)."""
-    out = _call_service(url, lambda c: c.add(a, b, want_result=output is not None))
+    out = _call_service(url, token, lambda c: c.add(a, b, want_result=output is not None))
     _print_result(out, output)
 
 
@@ -273,6 +282,7 @@ def op_command(
     b: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Second .npz/.npy.")],
     url: UrlOption = DEFAULT_URL,
     output: OutputOption = None,
+    token: TokenOption = None,
     tf32: Annotated[bool, typer.Option(help="matmul: allow TF32 tensor cores.")] = False,
 ) -> None:
     """Apply an operation on a running service (POST /v1/ops/NAME)."""
@@ -280,15 +290,15 @@ def op_command(
         err_console.print(f"[red]error[/red] unknown op {name!r}; choose from {', '.join(OPS)}")
         raise typer.Exit(2)
     out = _call_service(
-        url, lambda c: c.op(name, a, b, want_result=output is not None, allow_tf32=tf32)
+        url, token, lambda c: c.op(name, a, b, want_result=output is not None, allow_tf32=tf32)
     )
     _print_result(out, output)
 
 
 @app.command()
-def health(url: UrlOption = DEFAULT_URL) -> None:
+def health(url: UrlOption = DEFAULT_URL, token: TokenOption = None) -> None:
     """Print a running service's /health and /gpu-info as JSON."""
-    body = _call_service(url, lambda c: {"health": c.health(), "gpu_info": c.gpu_info()})
+    body = _call_service(url, token, lambda c: {"health": c.health(), "gpu_info": c.gpu_info()})
     console.print_json(json.dumps(body))
 
 
@@ -329,12 +339,12 @@ def version() -> None:
     console.print(__version__)
 
 
-def _call_service(url: str, action: Any) -> Any:
+def _call_service(url: str, token: str | None, action: Any) -> Any:
     """Run ``action(client)``; turn service errors and unreachable URLs into exit codes."""
     import httpx
 
     try:
-        with Client(url) as client:
+        with Client(url, token=token) as client:
             return action(client)
     except ServiceResponseError as exc:
         err_console.print(f"[red]error[/red] HTTP {exc.status_code}: {escape(str(exc.detail))}")

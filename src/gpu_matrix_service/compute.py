@@ -13,7 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -128,6 +128,7 @@ class ComputeService:
             max_workers=settings.compute_threads, thread_name_prefix="gms-compute"
         )
         self.admission = Admission(settings.compute_threads + settings.max_queued)
+        self._running: set[Future[Result]] = set()
 
     @contextmanager
     def admit(self) -> Iterator[Ticket]:
@@ -152,12 +153,15 @@ class ComputeService:
         :class:`ComputeTimeout` (504) when waiting and computing take longer than
         ``compute_timeout_seconds``.
         """
-        if is_tiny(op, a, b):
+        if self.backend.device_kind == "CPU" and is_tiny(op, a, b):
             # A thread hop costs more than the work (about 0.1-0.6 ms); the loop is held for
-            # well under a millisecond.
+            # well under a millisecond. Never on a GPU backend: a device busy with another
+            # request's matmul would hold the loop.
             return self.run_arrays(op, a, b, options)
         future = self._executor.submit(self.run_arrays, op, a, b, options)
         ticket.handed_to_worker = True
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
         future.add_done_callback(lambda _: ticket.release())
         timeout = self.settings.compute_timeout_seconds
         try:
@@ -183,6 +187,7 @@ class ComputeService:
     def run_arrays(self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions) -> Result:
         """Check ``a`` and ``b`` for ``op``, promote them, and compute on the best backend."""
         checked = plan(op, a, b)
+        self._check_matmul_work(op, a, b, checked.dtype)
         elements = math.prod(checked.shape)
         if elements > self.limits.max_elements:
             # Small operands can ask for a huge product: (n, 1) @ (1, n).
@@ -209,12 +214,33 @@ class ComputeService:
             )
             return self.cpu.run(op, a, b, options)
 
+    def _check_matmul_work(self, op: Op, a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> None:
+        if op.elementwise or a.ndim != 2 or b.ndim != 2:
+            return
+        macs = a.shape[0] * a.shape[1] * b.shape[1]
+        limit = self.settings.max_matmul_macs
+        if dtype.kind not in "fc":  # NumPy's integer matmul has no BLAS: hundreds of times slower
+            limit //= 256
+        if macs > limit:
+            raise PayloadTooLarge(
+                f"matmul {list(a.shape)} @ {list(b.shape)} is {macs} multiply-adds; the limit "
+                f"for {dtype} is {limit} (GMS_MAX_MATMUL_MACS)"
+            )
+
     def _allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         return self.backend.empty_host(shape, dtype)
 
     def close(self) -> None:
-        """Wait for running computations, then release the backend's devices."""
-        self._executor.shutdown(wait=True)
+        """Drop queued computations, wait for running ones (``shutdown_timeout_seconds`` at
+        most), then release the backend's devices."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        _, still_running = wait(list(self._running), self.settings.shutdown_timeout_seconds)
+        if still_running:
+            # Freeing device memory under a running kernel could crash; the process is
+            # exiting, and the driver frees everything then.
+            log.warning("%d computations still running at shutdown; leaving the GPU memory "
+                        "to the process exit", len(still_running))  # fmt: skip
+            return
         self.backend.close()
         if self.cpu is not self.backend:
             self.cpu.close()

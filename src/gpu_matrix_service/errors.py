@@ -96,6 +96,12 @@ class ServiceOverloaded(ServiceError):
         self.headers = {"Retry-After": str(retry_after_seconds)}
 
 
+class RequestTimeout(ServiceError):
+    """The request body did not arrive within the upload timeout."""
+
+    status_code = 408
+
+
 class ComputeTimeout(ServiceError):
     """A computation outlasted the per-request compute timeout."""
 

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BackendName = Literal["auto", "cpu", "cuda", "numba"]
@@ -74,7 +74,17 @@ class Settings(BaseSettings):
     max_queued: int = Field(
         64,
         ge=0,
-        description="Requests that may wait for a compute thread; beyond, 503 with Retry-After.",
+        description="Requests admitted beyond the compute threads (uploading or waiting for a "
+        "thread); beyond, 503 with Retry-After.",
+    )
+    upload_timeout_seconds: float = Field(
+        300.0, gt=0, description="Longest a request body may take to arrive (408 beyond)."
+    )
+    max_matmul_macs: int = Field(
+        1 << 42,
+        ge=1,
+        description="Most multiply-adds (m*k*n) one matmul may ask for (413 beyond); a 256th "
+        "of it for integer and bool matmul, which NumPy computes without BLAS.",
     )
     compute_timeout_seconds: float = Field(
         300.0, gt=0, description="Longest a request may wait for and run its computation (504)."
@@ -104,8 +114,18 @@ class Settings(BaseSettings):
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            if value.strip() and not parts:
+                # "," must not quietly mean "no tokens, no authentication".
+                raise ValueError("names no value, only commas or spaces")
+            return parts
         return value
+
+    @model_validator(mode="after")
+    def _metrics_auth_needs_tokens(self) -> Settings:
+        if self.metrics_auth and not self.api_tokens:
+            raise ValueError("metrics_auth needs api_tokens: there is no token to check")
+        return self
 
     @field_validator("devices", mode="before")
     @classmethod

@@ -212,7 +212,7 @@ def test_body_over_the_limit_is_413_from_content_length_before_reading(rng):
     settings = Settings(backend="cpu", max_upload_bytes=1000, _env_file=None)
     with TestClient(create_app(settings)) as client:
         data = npz_bytes(rng.standard_normal(200))
-        _error(client.post("/add", files=files(data, data)), 413, "limit of 1000")
+        _error(client.post("/add", files=files(data, data)), 413, "request body of")
 
 
 def test_streamed_body_over_the_limit_is_413_without_content_length(rng):
@@ -265,3 +265,20 @@ def test_a_result_over_the_element_limit_is_413_before_computing(rng):
         a, b = rng.standard_normal((1000, 1)), rng.standard_normal((1, 1000))
         response = client.post("/v1/ops/matmul", files=files(npz_bytes(a), npz_bytes(b)))
     _error(response, 413, "1000000 elements", "[1000, 1000]")
+
+
+def test_integer_matmul_over_its_work_limit_is_413(rng):
+    settings = Settings(backend="cpu", max_matmul_macs=256 * 1000, _env_file=None)
+    with TestClient(create_app(settings)) as client:
+        a, b = np.ones((20, 20), np.int64), np.ones((20, 20), np.int64)  # 8000 MACs > 1000
+        response = client.post("/v1/ops/matmul", files=files(npz_bytes(a), npz_bytes(b)))
+        _error(response, 413, "8000 multiply-adds", "int64")
+        floats = client.post("/v1/ops/matmul", files=files(npz_bytes(a * 1.0), npz_bytes(b * 1.0)))
+        assert floats.status_code == 200
+
+
+def test_long_double_result_comes_back_as_json_numbers(client):
+    a = np.arange(4, dtype=np.longdouble).reshape(2, 2)
+    response = client.post("/add?result=json", files=files(npy_bytes(a), npy_bytes(a)))
+    assert response.status_code == 200
+    assert response.json()["result"] == [[0.0, 2.0], [4.0, 6.0]]

@@ -161,3 +161,66 @@ def test_a_computation_over_the_timeout_is_504_and_keeps_its_place_until_done():
         assert response.status_code == 200
 
     _serve(settings, backend, scenario)
+
+
+def test_an_upload_slower_than_the_upload_timeout_is_408_and_frees_its_place():
+    settings = Settings(
+        backend="cpu", upload_timeout_seconds=0.3, compute_threads=1, max_queued=0,
+        _env_file=None,
+    )  # fmt: skip
+    body = (
+        b'--xx\r\nContent-Disposition: form-data; name="a"; filename="a"\r\n\r\n'
+        + npz_bytes(np.ones(8))
+        + b"\r\n--xx--\r\n"
+    )
+
+    async def trickle():
+        for start in range(0, len(body), 16):
+            await asyncio.sleep(0.05)
+            yield body[start : start + 16]
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        slow = await http.post(
+            "/add", content=trickle(), headers={"content-type": "multipart/form-data; boundary=xx"}
+        )
+        assert slow.status_code == 408
+        assert "GMS_UPLOAD_TIMEOUT_SECONDS" in slow.json()["detail"]
+        assert (await http.post("/add", files=two_files())).status_code == 200  # place freed
+
+    _serve(settings, CpuBackend(), scenario)
+
+
+def test_fifty_bad_requests_leave_no_place_taken():
+    settings = Settings(backend="cpu", compute_threads=1, max_queued=0, _env_file=None)
+    with TestClient(create_app(settings)) as client:
+        for i in range(50):
+            bad = [{"files": {"a": ("a", b"junk"), "b": ("b", b"junk")}}, {"json": {}}][i % 2]
+            assert client.post("/add", **bad).status_code in (400, 415)
+        assert client.post("/add", files=two_files()).status_code == 200
+
+
+def test_tiny_work_on_a_gpu_backend_runs_on_a_worker_thread_not_the_event_loop():
+    class GatedGpu(GatedBackend):
+        device_kind = "GPU"
+
+    backend = GatedGpu()
+    settings = Settings(backend="cpu", _env_file=None)
+    tiny = {"a": ("a.npz", npz_bytes(np.ones((2, 2)))), "b": ("b.npz", npz_bytes(np.ones((2, 2))))}
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        compute = asyncio.create_task(http.post("/add", files=tiny))
+        await asyncio.to_thread(backend.running.acquire, True, 10)
+        assert (await http.get("/health/live")).status_code == 200  # the loop is free
+        backend.gate.set()
+        assert (await compute).status_code == 200
+
+    _serve(settings, backend, scenario)
+
+
+def test_tokens_that_are_only_commas_and_metrics_auth_without_tokens_are_refused():
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="only commas"):
+        Settings(api_tokens=" , ", _env_file=None)
+    with pytest.raises(pydantic.ValidationError, match="metrics_auth needs api_tokens"):
+        Settings(metrics_auth=True, _env_file=None)

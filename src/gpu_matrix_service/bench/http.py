@@ -35,7 +35,10 @@ BOUNDARY = "gms-bench-boundary"
 
 @dataclass
 class LoadResult:
-    """One target under one load: rates in requests/s, latencies in seconds."""
+    """One target under one load: rates in requests/s, latencies in seconds.
+
+    ``rps`` and the latency percentiles count successful (2xx) requests only.
+    """
 
     target: str
     op: str
@@ -100,7 +103,7 @@ async def drive(
         deadline = start + duration
 
         async def worker() -> None:
-            while time.perf_counter() < deadline:
+            while True:  # at least one request each, so duration=0 is a warm-up
                 sent = time.perf_counter()
                 try:
                     response = await http.post(url, content=body, headers=headers)
@@ -110,10 +113,13 @@ async def drive(
                             phases.setdefault(phase, []).append(seconds)
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
-                latencies.append(time.perf_counter() - sent)
+                if status.startswith("2"):  # failures would skew the percentiles
+                    latencies.append(time.perf_counter() - sent)
                 statuses[status] = statuses.get(status, 0) + 1
                 if tick is not None:
                     tick()
+                if time.perf_counter() >= deadline:
+                    break
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
@@ -164,7 +170,7 @@ def summarize(
 
     errors = sum(n for status, n in statuses.items() if not status.startswith("2"))
     return LoadResult(
-        target, op, size, dtype, concurrency, wall, len(latencies), errors, statuses,
+        target, op, size, dtype, concurrency, wall, sum(statuses.values()), errors, statuses,
         len(latencies) / wall, statistics.median(ordered), pct(0.95), pct(0.99), len(body),
         server_timings_s={k: statistics.median(v) for k, v in phases.items()},
         latencies_s=latencies,

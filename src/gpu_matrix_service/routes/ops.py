@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from enum import Enum, StrEnum
 from typing import Any
@@ -13,9 +14,14 @@ from pydantic import BaseModel, Field
 
 from gpu_matrix_service.arrays import encode_npy, encode_npz
 from gpu_matrix_service.backends.base import Result, RunOptions
-from gpu_matrix_service.errors import NotAcceptable, PayloadTooLarge
+from gpu_matrix_service.errors import NotAcceptable, PayloadTooLarge, RequestTimeout
 from gpu_matrix_service.ops import OPS, Op, get_op
-from gpu_matrix_service.routes.state import compute_service, service_metrics, settings_of
+from gpu_matrix_service.routes.state import (
+    compute_service,
+    route_template,
+    service_metrics,
+    settings_of,
+)
 from gpu_matrix_service.uploads import read_multipart
 
 router = APIRouter(tags=["operations"])
@@ -106,6 +112,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     413: _error("Body, array or dimensions over a limit."),
     415: _error("Not multipart/form-data, or a non-numeric dtype."),
     503: _error("Too many requests queued (Retry-After), or a GPU error in this request."),
+    408: _error("The upload outlasted GMS_UPLOAD_TIMEOUT_SECONDS."),
     504: _error("The computation outlasted GMS_COMPUTE_TIMEOUT_SECONDS."),
     507: _error("The GPU ran out of memory."),
 }
@@ -141,16 +148,23 @@ async def run_op(
     settings = settings_of(request)
     service = compute_service(request)
     with service.admit() as ticket:  # 503 before the body is read when the queue is full
-        upload = await read_multipart(
-            request.stream(),
-            content_type=request.headers.get("content-type"),
-            content_length=request.headers.get("content-length"),
-            max_bytes=settings.max_upload_bytes,
-            open_file=service.open_stream,  # each file decodes into its array as it arrives
-        )
-        service_metrics(request).upload_bytes.labels(endpoint=_endpoint(request)).observe(
-            upload.body_bytes
-        )
+        try:
+            async with asyncio.timeout(settings.upload_timeout_seconds):
+                upload = await read_multipart(
+                    request.stream(),
+                    content_type=request.headers.get("content-type"),
+                    content_length=request.headers.get("content-length"),
+                    max_bytes=settings.max_upload_bytes,
+                    open_file=service.open_stream,  # each file decodes as it arrives
+                )
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the upload took longer than {settings.upload_timeout_seconds:g} s "
+                "(GMS_UPLOAD_TIMEOUT_SECONDS)"
+            ) from None
+        service_metrics(request).upload_bytes.labels(
+            endpoint=route_template(request.scope)
+        ).observe(upload.body_bytes)
         a, b = upload.operands()
         assert a.array is not None
         assert b.array is not None
@@ -175,6 +189,8 @@ def json_result(array: np.ndarray) -> list[Any]:
     """The result as nested lists, or 406 when JSON cannot hold it (complex, NaN, inf)."""
     if array.dtype.kind == "c":
         raise NotAcceptable("a complex result cannot be returned as JSON; use ?result=npz")
+    if array.dtype.kind == "f" and array.dtype.itemsize > 8:
+        array = array.astype(np.float64)  # long double: JSON numbers are doubles anyway
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise NotAcceptable("the result holds NaN or infinity, which JSON cannot represent; "
                             "use ?result=npz")  # fmt: skip
@@ -222,11 +238,6 @@ def _format_from_accept(accept: str) -> ResultFormat | None:
     if NPY_MEDIA_TYPE in accept:
         return ResultFormat.npy
     return None
-
-
-def _endpoint(request: Request) -> str:
-    route = request.scope.get("route")
-    return getattr(route, "path", "<unmatched>")
 
 
 def _observe(request: Request, op: Op, outcome: Result, timings: dict[str, float]) -> None:

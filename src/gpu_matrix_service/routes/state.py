@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import Request
+from starlette.types import Scope
 
 from gpu_matrix_service.compute import ComputeService
 from gpu_matrix_service.gpu import GpuMonitor
@@ -32,3 +33,11 @@ def settings_of(request: Request) -> Settings:
     """The app's settings."""
     settings: Settings = request.app.state.settings
     return settings
+
+
+UNMATCHED = "<unmatched>"
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (``/v1/ops/{op}``), never the raw path."""
+    return getattr(scope.get("route"), "path", UNMATCHED)
