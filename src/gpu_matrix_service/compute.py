@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpu_matrix_service.admission import Admission, Ticket
 from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.backends.base import Backend, Result, RunOptions
@@ -28,7 +28,6 @@ from gpu_matrix_service.errors import (
     ComputeTimeout,
     DeviceOutOfMemory,
     PayloadTooLarge,
-    ServiceOverloaded,
 )
 from gpu_matrix_service.ops import Op, plan
 from gpu_matrix_service.settings import Settings
@@ -51,53 +50,6 @@ def is_tiny(op: Op, a: np.ndarray, b: np.ndarray) -> bool:
     (m, k), n = a.shape, b.shape[1]
     out_bytes = m * n * max(a.itemsize, b.itemsize)
     return a.nbytes + b.nbytes + out_bytes <= TINY_BYTES and m * k * n <= TINY_MATMUL_MACS
-
-
-class Admission:
-    """Counts requests from admission until their computation has really finished.
-
-    At most ``limit`` (compute threads + queue) are admitted; the next is refused at once with
-    503 and ``Retry-After``, before its body is read. A computation that outlives its timeout
-    keeps its place until its thread is done, so timeouts cannot pile work up.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-        self._lock = threading.Lock()
-
-    def enter(self) -> Ticket:
-        """Admit one request, or raise :class:`ServiceOverloaded`."""
-        with self._lock:
-            if self.active >= self.limit:
-                raise ServiceOverloaded(
-                    f"too many requests in progress ({self.limit}); retry shortly",
-                    retry_after_seconds=1,
-                )
-            self.active += 1
-        return Ticket(self)
-
-    def _leave(self) -> None:
-        with self._lock:
-            self.active -= 1
-
-
-class Ticket:
-    """One admitted request's place; released exactly once, from any thread."""
-
-    def __init__(self, admission: Admission) -> None:
-        self._admission = admission
-        self._lock = threading.Lock()
-        self._released = False
-        self.handed_to_worker = False
-
-    def release(self) -> None:
-        """Give the place back (idempotent)."""
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-        self._admission._leave()
 
 
 @dataclass(frozen=True)

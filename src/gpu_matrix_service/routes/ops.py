@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from enum import Enum, StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -28,6 +30,9 @@ router = APIRouter(tags=["operations"])
 
 NPZ_MEDIA_TYPE = "application/x-npz"
 NPY_MEDIA_TYPE = "application/x-npy"
+# Encoding more than this many bytes of result happens on a worker thread, not the loop.
+LOOP_BYTES = 1 << 20
+T = TypeVar("T")
 # With ?result=npz|npy the summary travels in these headers.
 RESULT_HEADERS = (
     "X-Elapsed-Time", "X-Device", "X-Backend", "X-Op", "X-Matrix-Shape", "X-Dtype", "X-Timings",
@@ -173,7 +178,7 @@ async def run_op(
     _observe(request, op, outcome, timings)
     fmt = result_format or _format_from_accept(request.headers.get("accept", ""))
     if fmt in (ResultFormat.npz, ResultFormat.npy):
-        return _array_response(outcome, op, timings, fmt)
+        return await _array_response(outcome, op, timings, fmt)
     body = _summary(outcome, op, timings)
     if fmt is ResultFormat.json:
         if outcome.array.size > settings.max_json_result_elements:
@@ -181,7 +186,7 @@ async def run_op(
                 f"result has {outcome.array.size} elements, more than "
                 f"{settings.max_json_result_elements} for ?result=json; use ?result=npz"
             )
-        body["result"] = json_result(outcome.array)
+        body["result"] = await _off_loop_if_large(json_result, outcome.array)
     return JSONResponse(body)
 
 
@@ -211,13 +216,20 @@ def _summary(outcome: Result, op: Op, timings: dict[str, float]) -> dict[str, An
     }
 
 
-def _array_response(
+async def _off_loop_if_large(convert: Callable[[np.ndarray], T], array: np.ndarray) -> T:
+    """``convert(array)``, on a worker thread when the array is large enough to hold the loop."""
+    if array.nbytes <= LOOP_BYTES:
+        return convert(array)
+    return await run_in_threadpool(convert, array)
+
+
+async def _array_response(
     outcome: Result, op: Op, timings: dict[str, float], fmt: ResultFormat
 ) -> Response:
-    if fmt is ResultFormat.npz:
-        content, media_type = encode_npz(outcome.array), NPZ_MEDIA_TYPE
-    else:
-        content, media_type = encode_npy(outcome.array), NPY_MEDIA_TYPE
+    encode, media_type = (
+        (encode_npz, NPZ_MEDIA_TYPE) if fmt is ResultFormat.npz else (encode_npy, NPY_MEDIA_TYPE)
+    )
+    content = await _off_loop_if_large(encode, outcome.array)
     values = (
         repr(outcome.elapsed_time),
         outcome.device,
