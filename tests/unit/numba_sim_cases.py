@@ -26,7 +26,7 @@ import numpy as np
 
 cuda = pytest.importorskip("numba.cuda")
 
-from gpu_matrix_service.backends import numba_cuda, numba_kernels  # noqa: E402
+from gpu_matrix_service.backends import numba_cuda, numba_kernels, numba_memory  # noqa: E402
 from gpu_matrix_service.backends.base import BackendUnavailable, RunOptions  # noqa: E402
 from gpu_matrix_service.backends.numba_cuda import NumbaBackend  # noqa: E402
 from gpu_matrix_service.errors import (  # noqa: E402
@@ -212,7 +212,7 @@ def test_out_of_memory_is_device_out_of_memory_and_the_next_request_works(monkey
     a, b = random_operands((4, 5), np.float32)
     with monkeypatch.context() as patch:
         patch.setattr(
-            numba_cuda.DeviceBuffers,
+            numba_memory.DeviceBuffers,
             "take",
             failing_take("Call to cuMemAlloc results in CUDA_ERROR_OUT_OF_MEMORY"),
         )
@@ -228,7 +228,7 @@ def test_other_cuda_errors_are_backend_failures_with_the_cuda_text(monkeypatch):
     a, b = random_operands((4, 5), np.float32)
     with monkeypatch.context() as patch:
         patch.setattr(
-            numba_cuda.DeviceBuffers,
+            numba_memory.DeviceBuffers,
             "take",
             failing_take("Call to cuMemAlloc results in CUDA_ERROR_ILLEGAL_ADDRESS"),
         )
@@ -280,4 +280,4 @@ def test_concurrent_requests_from_threads_all_get_their_own_answer(backend):
     [(1, 65536), (65536, 65536), (65537, 81920), (64 << 20, 64 << 20), ((64 << 20) + 1, 80 << 20)],
 )
 def test_size_classes_round_up_by_at_most_a_quarter(nbytes, expected):
-    assert numba_cuda.size_class(nbytes) == expected
+    assert numba_memory.size_class(nbytes) == expected
