@@ -83,10 +83,20 @@ class NpyStream:
         self.extra += len(data) - take
 
     def _feed_header(self, data: memoryview) -> memoryview:
-        """Gather the header; once whole, allocate the destination. Returns unused bytes."""
-        self._head += data
-        if len(self._head) < 12 and not (len(self._head) >= 10 and self._head[6] == 1):
-            return memoryview(b"")
+        """Gather the header; once whole, allocate the destination. Returns unused bytes.
+
+        Only the header's own bytes are copied aside; the data after it is returned as a view.
+        """
+        # The fixed part first: magic, version, and the header length (2 or 4 bytes).
+        fixed = 10 if len(self._head) > 6 and self._head[6] == 1 else 12
+        if len(self._head) < fixed:
+            take = fixed - len(self._head)
+            self._head += data[:take]
+            data = data[take:]
+            if len(self._head) > 6 and self._head[6] == 1:
+                fixed = 10
+            if len(self._head) < fixed:
+                return memoryview(b"")
         if bytes(self._head[:6]) != NPY_MAGIC:
             raise BadArrayInput(f"{self.name} is not a .npy file (bad magic or too short)")
         size_bytes = 2 if self._head[6] == 1 else 4
@@ -94,6 +104,10 @@ class NpyStream:
         (length,) = struct.unpack("<H" if size_bytes == 2 else "<I", self._head[8:start])
         if length > MAX_HEADER_BYTES:
             raise BadArrayInput(f"{self.name}: .npy header of {length} bytes is too long")
+        take = start + length - len(self._head)
+        if take > 0:
+            self._head += data[:take]
+            data = data[take:]
         if len(self._head) < start + length:
             return memoryview(b"")
         header = parse_npy_header(self._head, name=self.name, limits=self.limits)
@@ -102,7 +116,9 @@ class NpyStream:
                 f"{self.name} declares {header.nbytes} bytes of data, more than the "
                 f"{self.most_bytes} its upload can carry"
             )
-        rest = memoryview(bytes(self._head[header.data_offset :]))
+        # Bytes read past the header (a version-1 header shorter than 2 bytes) come first.
+        spill = bytes(self._head[header.data_offset :])
+        rest = memoryview(spill + bytes(data)) if spill else data
         self._head = bytearray()
         self._header = header
         if header.dtype.isnative and not header.fortran_order:
