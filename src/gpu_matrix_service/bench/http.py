@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -191,7 +192,7 @@ def local_server(kind: str, port: int, workers: int, backend: str) -> Iterator[s
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process)
+        wait_until_ready(url, process)
         yield url
     finally:
         process.terminate()
@@ -201,11 +202,14 @@ def local_server(kind: str, port: int, workers: int, backend: str) -> Iterator[s
             process.kill()
 
 
-def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll ``url``'s ``/health/ready`` until it answers 200; raise if ``process`` exits first
+    (with its stderr, when captured) or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{url} exited: {process.stderr.read() if process.stderr else ''}")
+            output = process.stderr or process.stdout
+            raise RuntimeError(f"{url} exited early:\n{output.read() if output else ''}")
         try:
             if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
                 return
@@ -215,9 +219,8 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> No
     raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -315,13 +318,11 @@ def bench_http(
     """Load the HTTP service and its receive-only floor; print req/s and p50/p95/p99."""
     sizes, concurrencies = size or [64, 4096], concurrency or [1, 32]
     with ExitStack() as stack:
-        service = url or stack.enter_context(
-            local_server("service", _free_port(), workers, backend)
-        )
+        service = url or stack.enter_context(local_server("service", free_port(), workers, backend))
         floor = None
         if not no_floor:
             floor = floor_url or stack.enter_context(
-                local_server("floor", _free_port(), workers, backend)
+                local_server("floor", free_port(), workers, backend)
             )
         results = _run_cases(
             service, floor, op, sizes, dtype, concurrencies, duration, token, clients
