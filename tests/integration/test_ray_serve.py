@@ -133,50 +133,77 @@ def post_op(url: str, op: str, a: np.ndarray, b: np.ndarray) -> dict:
     return response.json()
 
 
-def replica_views(url: str, scrapes: int) -> dict[str, dict[str, float]]:
-    """Scrape /metrics through the proxy (one replica per scrape): per replica, its requests
-    to the ops endpoint and its service_info instance."""
+def scrape_replica(url: str) -> tuple[str, dict[str, float]]:
+    """One /metrics scrape through the proxy (it reaches one replica): that replica's id, its
+    requests to the ops endpoint and its service_info instance."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    seen: dict[str, float] = {}
+    replica = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            replica = sample.labels.get("replica", replica)
+            if sample.name == "request_count_total" and sample.labels["endpoint"] == OPS_ENDPOINT:
+                seen["ops_requests"] = seen.get("ops_requests", 0) + sample.value
+            if sample.name == "service_info":
+                seen["instance:" + sample.labels["instance"]] = sample.value
+    assert replica, "a replica's metrics must carry the replica label"
+    return replica, seen
+
+
+def replica_views(url: str, replicas: int, deadline: float) -> dict[str, dict[str, float]]:
+    """Scrape, several at a time so the router spreads them, until every replica answered
+    (or the deadline passes); the latest view of each replica."""
     views: dict[str, dict[str, float]] = {}
-    for _ in range(scrapes):
-        text = httpx.get(f"{url}/metrics", timeout=30).text
-        seen: dict[str, float] = {}
-        replica = None
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                replica = sample.labels.get("replica", replica)
-                if sample.name == "request_count_total" and (
-                    sample.labels["endpoint"] == OPS_ENDPOINT
-                ):
-                    seen["ops_requests"] = seen.get("ops_requests", 0) + sample.value
-                if sample.name == "service_info":
-                    seen["instance:" + sample.labels["instance"]] = sample.value
-        assert replica, "a replica's metrics must carry the replica label"
-        views[replica] = seen
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        while len(views) < replicas and time.monotonic() < deadline:
+            views.update(pool.map(lambda _: scrape_replica(url), range(16)))
     return views
+
+
+def wait_for_running_replicas(count: int, timeout: float = 120) -> None:
+    """Until Serve reports ``count`` replicas of the deployment RUNNING."""
+    deadline = time.monotonic() + timeout
+    running = 0
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        deployment = app and app.deployments.get(DEPLOYMENT_NAME)
+        running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+        if running >= count:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{running} of {count} replicas running after {timeout} s")
 
 
 def test_two_replicas_on_the_cpu_answer_through_the_serve_proxy(ray_head: RayHead, proxy_port: int):
     plan = ReplicaPlan(replicas=2, num_gpus=0, num_cpus=0.5)
     url = deploy_on_ray(cpu_settings(proxy_port), plan, address=ray_head.address)
+    wait_for_running_replicas(2)
     rng = np.random.default_rng(7)
-    cases = []
-    for i in range(24):
-        a, b = rng.standard_normal((16, 8)), rng.standard_normal((16, 8))
-        cases.append(("add", a, b) if i % 2 else ("matmul", a, b.T.copy()))
-    # Concurrent, so Serve's router has reason to use both replicas.
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(lambda case: post_op(url, *case), cases))
-    for (op, a, b), answer in zip(cases, answers, strict=True):
-        expected = np.add(a, b) if op == "add" else a @ b
-        assert answer["op"] == op and answer["backend"] == "cpu"
-        assert answer["matrix_shape"] == list(expected.shape)
-        np.testing.assert_allclose(np.array(answer["result"]), expected, rtol=1e-12)
-
-    views = replica_views(url, scrapes=40)
+    sent = 0
+    deadline = time.monotonic() + 90
+    served: dict[str, float] = {}
+    # Rounds of concurrent requests until both replicas have served (bounded in rounds and
+    # time); every answer is checked against NumPy.
+    for _ in range(10):
+        cases = []
+        for i in range(24):
+            a, b = rng.standard_normal((16, 8)), rng.standard_normal((16, 8))
+            cases.append(("add", a, b) if i % 2 else ("matmul", a, b.T.copy()))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda case: post_op(url, *case), cases))
+        for (op, a, b), answer in zip(cases, answers, strict=True):
+            expected = np.add(a, b) if op == "add" else a @ b
+            assert answer["op"] == op and answer["backend"] == "cpu"
+            assert answer["matrix_shape"] == list(expected.shape)
+            np.testing.assert_allclose(np.array(answer["result"]), expected, rtol=1e-12)
+        sent += len(cases)
+        views = replica_views(url, 2, deadline)
+        served = {replica: view.get("ops_requests", 0) for replica, view in views.items()}
+        if len(served) == 2 and all(count > 0 for count in served.values()):
+            break
     assert len(views) == 2, f"expected both replicas in the metrics, saw {sorted(views)}"
-    served = {replica: view.get("ops_requests", 0) for replica, view in views.items()}
     assert all(count > 0 for count in served.values()), f"a replica served nothing: {served}"
-    assert sum(served.values()) == len(cases)
+    assert sum(served.values()) == sent
     for replica, view in views.items():
         assert view[f"instance:{DEPLOYMENT_NAME}#{replica}"] == 1
     serve.delete(APP_NAME)
