@@ -307,6 +307,7 @@ def test_two_gpu_replicas_land_on_different_gpus(proxy_port: int):
     try:
         settings = Settings(backend="auto", port=proxy_port, _env_file=None)
         url = deploy_on_ray(settings, ReplicaPlan(replicas=2, num_gpus=1), address=None)
+        wait_for_running_replicas(2)
         a = np.ones((2048, 2048), dtype=np.float32)
         with ThreadPoolExecutor(max_workers=8) as pool:
             answers = list(pool.map(lambda _: post_op_summary(url, a), range(16)))
@@ -327,13 +328,25 @@ def post_op_summary(url: str, a: np.ndarray) -> dict:
     return response.json()
 
 
-def held_gpus_by_replica(url: str, scrapes: int = 40) -> dict[str, set[str]]:
-    """Per replica, the GPUs (UUIDs) on which its process holds memory, from NVML."""
+def held_gpus_by_replica(url: str, replicas: int = 2, timeout: float = 60) -> dict[str, set[str]]:
+    """Per replica, the GPUs (UUIDs) on which its process holds memory, from NVML: scrapes
+    several at a time (a scrape through the proxy reaches one replica) until ``replicas``
+    replicas have reported, or the timeout passes."""
     held: dict[str, set[str]] = {}
-    for _ in range(scrapes):
+    deadline = time.monotonic() + timeout
+
+    def scrape(_: int) -> dict[str, set[str]]:
         text = httpx.get(f"{url}/metrics", timeout=30).text
+        seen: dict[str, set[str]] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == "gpu_process_memory_bytes" and sample.value > 0:
-                    held.setdefault(sample.labels["replica"], set()).add(sample.labels["uuid"])
+                    seen.setdefault(sample.labels["replica"], set()).add(sample.labels["uuid"])
+        return seen
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        while len(held) < replicas and time.monotonic() < deadline:
+            for seen in pool.map(scrape, range(16)):
+                for replica, uuids in seen.items():
+                    held.setdefault(replica, set()).update(uuids)
     return held
