@@ -10,6 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gpu_matrix_service.app import create_app
+from gpu_matrix_service.backends.base import RunOptions
+from gpu_matrix_service.backends.cpu import CpuBackend
 from gpu_matrix_service.settings import Settings
 
 from arrayfiles import npy_bytes, npz_bytes, npz_compressed_bytes, random_array
@@ -206,6 +208,43 @@ def test_unknown_op_is_422_listing_the_choices(client, rng):
     response = client.post("/v1/ops/divide", files=files(data, data))
     assert response.status_code == 422
     assert "add" in json.dumps(response.json()["detail"])
+
+
+@pytest.mark.parametrize(
+    ("query", "field"), [("result=xml", "result"), ("allow_tf32=maybe", "allow_tf32")]
+)
+def test_bad_query_parameter_is_422_naming_it(client, rng, query, field):
+    data = npz_bytes(rng.standard_normal(2))
+    response = client.post(f"/v1/ops/add?{query}", files=files(data, data))
+    assert response.status_code == 422
+    (issue,) = response.json()["detail"]
+    assert issue["loc"] == ["query", field]
+
+
+class OptionsRecorder(CpuBackend):
+    """The CPU backend, keeping the options each run was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[RunOptions] = []
+
+    def run(self, op, a, b, options):
+        self.seen.append(options)
+        return super().run(op, a, b, options)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("1", True), ("off", False)])
+def test_allow_tf32_reaches_the_backend(value, expected):
+    backend = OptionsRecorder()
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with TestClient(create_app(Settings(backend="cpu", _env_file=None), backend)) as client:
+        response = client.post(
+            f"/v1/ops/matmul?allow_tf32={value}&result=json",
+            files=files(npz_bytes(a), npz_bytes(a.T.copy())),
+        )
+    assert response.status_code == 200
+    np.testing.assert_array_equal(np.array(response.json()["result"]), a @ a.T)
+    assert [options.allow_tf32 for options in backend.seen] == [expected]
 
 
 def test_body_over_the_limit_is_413_from_content_length_before_reading(rng):
