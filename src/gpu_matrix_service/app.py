@@ -61,8 +61,9 @@ class RequestMetricsMiddleware:
             self.metrics.requests_in_flight.dec()
             endpoint = route_template(scope)
             method = scope["method"]
-            self.metrics.request_count.labels(method, endpoint, str(status)).inc()
-            self.metrics.request_latency.labels(method, endpoint).observe(
+            metrics = self.metrics
+            metrics.child(metrics.request_count, method, endpoint, str(status)).inc()
+            metrics.child(metrics.request_latency, method, endpoint).observe(
                 time.perf_counter() - start
             )
 
@@ -127,7 +128,8 @@ def _install_error_handlers(app: FastAPI, service_metrics: ServiceMetrics) -> No
     """One mapping from our errors (and FastAPI's validation errors) to status + JSON detail."""
 
     def record(request: Request, reason: str) -> None:
-        service_metrics.request_errors.labels(route_template(request.scope), reason).inc()
+        errors = service_metrics.request_errors
+        service_metrics.child(errors, route_template(request.scope), reason).inc()
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,6 +27,7 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from gpu_matrix_service.gpu import GpuMonitor
@@ -50,6 +52,7 @@ class ServiceMetrics:
         self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         self._scrape_time_collectors: list[Collector] = []
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         r = self.registry
         self.request_count = Counter(
             "request_count",
@@ -104,6 +107,16 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+
+    def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: prometheus-client checks and locks on every
+        ``labels`` call (about 2 us), and a request records up to ten values. Every label
+        here comes from a small fixed set (routes, ops, backends, phases, status codes)."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def add_collector(self, collector: Collector) -> None:
         """Add a collector read at scrape time (GPU readings), in either mode."""

@@ -237,9 +237,9 @@ async def run_op(
                 f"the upload took longer than {settings.upload_timeout_seconds:g} s "
                 "(GMS_UPLOAD_TIMEOUT_SECONDS)"
             ) from None
-        service_metrics(request).upload_bytes.labels(
-            endpoint=route_template(request.scope)
-        ).observe(upload.body_bytes)
+        metrics = service_metrics(request)
+        endpoint = route_template(request.scope)
+        metrics.child(metrics.upload_bytes, endpoint).observe(upload.body_bytes)
         a, b = upload.operands()
         assert a.array is not None
         assert b.array is not None
@@ -324,8 +324,7 @@ def _format_from_accept(accept: str) -> ResultFormat | None:
 
 def _observe(request: Request, op: Op, outcome: Result, timings: dict[str, float]) -> None:
     metrics = service_metrics(request)
+    labels = (op.name, outcome.backend, outcome.device)
     for phase, seconds in timings.items():
-        metrics.compute_seconds.labels(op.name, outcome.backend, outcome.device, phase).observe(
-            seconds
-        )
-    metrics.elements_processed.labels(op.name, outcome.backend).inc(outcome.array.size)
+        metrics.child(metrics.compute_seconds, *labels, phase).observe(seconds)
+    metrics.child(metrics.elements_processed, op.name, outcome.backend).inc(outcome.array.size)
