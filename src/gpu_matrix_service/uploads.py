@@ -10,6 +10,7 @@ The byte cap is enforced on ``Content-Length`` before reading and on the bytes r
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -239,15 +240,8 @@ class MultipartSplitter:
             key, sep, value = line.partition(b":")
             if sep:
                 headers[key.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        disposition, options = parse_options_header(headers.get("content-disposition"))
-        if disposition != b"form-data" or b"name" not in options:
-            raise BadRequest("a multipart part lacks a Content-Disposition: form-data name")
-        filename = options.get(b"filename")
-        part = Part(
-            name=options[b"name"].decode("utf-8", "replace"),
-            filename=None if filename is None else filename.decode("utf-8", "replace"),
-            content_type=headers.get("content-type"),
-        )
+        name, filename = _form_data_names(headers.get("content-disposition"))
+        part = Part(name=name, filename=filename, content_type=headers.get("content-type"))
         if part.is_file:
             files = sum(1 for other in self.parts if other.is_file)
             if files >= self.max_files:
@@ -265,6 +259,32 @@ class MultipartSplitter:
         """Check the body ended with its closing delimiter."""
         if self._state is not _State.EPILOGUE:
             raise BadRequest("malformed multipart body: it ends before its closing boundary")
+
+
+# What clients send: form-data; name="a"; filename="a.npz" with nothing to unescape.
+PLAIN_DISPOSITION: Final = re.compile(r'form-data; name="([^"\\]*)"(?:; filename="([^"\\]*)")?')
+
+
+def _form_data_names(disposition: str | None) -> tuple[str, str | None]:
+    """A part's field name and file name (None for a text field) from its
+    Content-Disposition: the common spelling by a regex, anything else by python-multipart."""
+    plain = PLAIN_DISPOSITION.fullmatch(disposition or "")
+    if plain is not None:
+        name, filename = plain.groups()
+        return _utf8(name), None if filename is None else _utf8(filename)
+    kind, options = parse_options_header(disposition)
+    if kind != b"form-data" or b"name" not in options:
+        raise BadRequest("a multipart part lacks a Content-Disposition: form-data name")
+    filename = options.get(b"filename")
+    return (
+        options[b"name"].decode("utf-8", "replace"),
+        None if filename is None else filename.decode("utf-8", "replace"),
+    )
+
+
+def _utf8(latin1: str) -> str:
+    """Header text was decoded as latin-1; names are UTF-8 bytes (as python-multipart reads)."""
+    return latin1 if latin1.isascii() else latin1.encode("latin-1").decode("utf-8", "replace")
 
 
 def multipart_boundary(content_type: str | None) -> bytes:
