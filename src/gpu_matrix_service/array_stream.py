@@ -371,22 +371,31 @@ class ArrayStream:
             self._whole += data
             return
         if self._stream is None:
-            self._sniff += data
+            # Only the 6 bytes that tell .npy from .npz are set aside, not the chunk.
+            earlier = bytes(self._sniff)
+            self._sniff += data[: 6 - len(earlier)]
             if len(self._sniff) < 6:
                 return
-            self._stream = self._open(bytes(self._sniff[:6]))
-            data, self._sniff = memoryview(bytes(self._sniff)), bytearray()
+            self._stream = self._open(bytes(self._sniff))
+            self._sniff = bytearray()
+            if earlier:
+                data = memoryview(earlier + bytes(data))
             if self._stream is None:
                 self._whole = bytearray(data)
                 return
-        if isinstance(self._stream, NpzStream) and not self._stream.keys:
-            self._replay += data  # a data descriptor may yet send us to the whole file
-        self._stream.feed(data)
-        if isinstance(self._stream, NpzStream):
-            if self._stream.needs_whole_file:
-                self._whole, self._stream = self._replay, None
-            elif self._stream.keys:
+        stream = self._stream
+        if isinstance(stream, NpzStream) and not stream.keys:
+            # Until the first member's header says whether sizes come first, keep what
+            # came, in case the whole file must be decoded after all.
+            stream.feed(data)
+            if stream.needs_whole_file:
+                self._whole, self._stream = self._replay + data, None
+            elif stream.keys:
                 self._replay = bytearray()
+            else:
+                self._replay += data
+            return
+        stream.feed(data)
 
     def _open(self, magic: bytes) -> NpyStream | NpzStream | None:
         if magic == NPY_MAGIC:
