@@ -265,6 +265,12 @@ class MultipartSplitter:
 PLAIN_DISPOSITION: Final = re.compile(r'form-data; name="([^"\\]*)"(?:; filename="([^"\\]*)")?')
 
 
+# What clients send: multipart/form-data; boundary=<1 to 70 token characters>.
+PLAIN_MULTIPART: Final = re.compile(
+    r"multipart/form-data; ?boundary=([0-9A-Za-z'()+_,./:=?-]{1,70})"
+)
+
+
 def _form_data_names(disposition: str | None) -> tuple[str, str | None]:
     """A part's field name and file name (None for a text field) from its
     Content-Disposition: the common spelling by a regex, anything else by python-multipart."""
@@ -289,6 +295,9 @@ def _utf8(latin1: str) -> str:
 
 def multipart_boundary(content_type: str | None) -> bytes:
     """The boundary of a ``multipart/form-data`` content type, or 415/400 saying what is wrong."""
+    plain = PLAIN_MULTIPART.fullmatch(content_type or "")
+    if plain is not None:
+        return plain.group(1).encode("latin-1")
     media, options = parse_options_header(content_type)
     if media != b"multipart/form-data":
         raise UnsupportedMediaType(
