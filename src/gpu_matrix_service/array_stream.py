@@ -128,6 +128,10 @@ class NpyStream:
         self._target = memoryview(self._out.reshape(-1).view(np.uint8))
         return rest
 
+    def opaque_bytes(self) -> int:
+        """How many of the next bytes are, by the header, array data (0 before the header)."""
+        return 0 if self._target is None else len(self._target) - self._filled
+
     def finish(self) -> np.ndarray:
         """The decoded array; :class:`BadArrayInput` when the data is short or too long."""
         header = self._header
@@ -231,6 +235,12 @@ class NpzStream:
             if self._member.packed_left == 0:
                 self._member.close(self._label(self._member.key))
                 self._member = None
+
+    def opaque_bytes(self) -> int:
+        """How many of the next bytes are, by the local header, the current member's data."""
+        if self._member is None or self._in_trailer or self.needs_whole_file:
+            return 0
+        return self._member.packed_left
 
     def _label(self, key: str) -> str:
         return f"{self.name}[{key}]"
@@ -396,6 +406,12 @@ class ArrayStream:
                 self._replay += data
             return
         stream.feed(data)
+
+    def opaque_bytes(self) -> int:
+        """How many of the next bytes the file's own headers declare to be data (array data
+        or a zip member's): bytes no multipart delimiter needs looking for in. 0 when
+        unknown."""
+        return 0 if self._stream is None else self._stream.opaque_bytes()
 
     def _open(self, magic: bytes) -> NpyStream | NpzStream | None:
         if magic == NPY_MAGIC:
