@@ -3,7 +3,8 @@
 An async load generator (httpx) sends the same multipart upload from ``concurrency`` tasks for
 ``duration`` seconds and records each request's latency. Beside the service it starts (or is
 pointed at) the receive-only floor of :mod:`gpu_matrix_service.bench.floor` on the same server
-stack, so every figure comes with its ratio to what merely receiving the upload costs.
+stack, so every figure comes with its ratio to what merely receiving the upload costs. Each
+case alternates service and floor in ``rounds`` slices, so that both see the same machine.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class LoadResult:
     p99_s: float
     upload_bytes: int
     clients: int = 1
+    rounds: int = 1
     server_timings_s: dict[str, float] = field(default_factory=dict)
     latencies_s: list[float] = field(repr=False, default_factory=list)
 
@@ -85,7 +87,6 @@ async def drive(
     concurrency: int,
     duration: float,
     token: str | None = None,
-    tick: Any = None,
 ) -> tuple[list[float], dict[str, int], float, dict[str, list[float]]]:
     """POST ``body`` from ``concurrency`` tasks for ``duration`` s.
 
@@ -117,8 +118,6 @@ async def drive(
                 if status.startswith("2"):  # failures would skew the percentiles
                     latencies.append(time.perf_counter() - sent)
                 statuses[status] = statuses.get(status, 0) + 1
-                if tick is not None:
-                    tick()
                 if time.perf_counter() >= deadline:
                     break
 
@@ -148,14 +147,8 @@ def drive_clients(
     jobs = [(url, body, content_type, n, duration, token) for n in share if n]
     with ProcessPoolExecutor(len(jobs)) as pool:
         runs = list(pool.map(drive_in_process, jobs))
-    latencies = [x for run in runs for x in run[0]]
-    statuses: dict[str, int] = {}
-    phases: dict[str, list[float]] = {}
-    for run in runs:
-        for status, n in run[1].items():
-            statuses[status] = statuses.get(status, 0) + n
-        for phase, values in run[3].items():
-            phases.setdefault(phase, []).extend(values)
+    # The processes ran side by side: the wall time is the longest, not the sum.
+    latencies, statuses, _, phases = merge_runs(runs)
     return latencies, statuses, max(run[2] for run in runs), phases
 
 
@@ -279,7 +272,9 @@ def plot(results: list[LoadResult], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise typer.BadParameter("--plot needs matplotlib: pip install matplotlib") from None
+        raise typer.BadParameter(
+            "--plot needs matplotlib: pip install 'gpu-matrix-service[plot]'"
+        ) from None
     cases = sorted({(r.size, r.concurrency) for r in results})
     figure, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4), squeeze=False)
     for axis, (size, concurrency) in zip(axes[0], cases, strict=True):
@@ -310,6 +305,9 @@ def bench_http(
     clients: Annotated[
         int, typer.Option(min=1, help="Load-generator processes sharing the concurrency.")
     ] = 1,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="Slices per case, alternating service and floor.")
+    ] = 3,
     backend: Annotated[str, typer.Option(help="Backend when started here.")] = "auto",
     token: Annotated[str | None, typer.Option(envvar="GMS_TOKEN", help="Bearer token.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
@@ -325,7 +323,7 @@ def bench_http(
                 local_server("floor", free_port(), workers, backend)
             )
         results = _run_cases(
-            service, floor, op, sizes, dtype, concurrencies, duration, token, clients
+            service, floor, op, sizes, dtype, concurrencies, duration, token, clients, rounds
         )
     ratios = compare(results)
     render(results, ratios)
@@ -340,7 +338,11 @@ def bench_http(
 def _run_cases(
     service: str, floor: str | None, op: str, sizes: list[int], dtype: str,
     concurrencies: list[int], duration: float, token: str | None, clients: int = 1,
+    rounds: int = 1,
 ) -> list[LoadResult]:  # fmt: skip
+    """Each case's ``duration`` per target, in ``rounds`` slices that alternate service and
+    floor: drift on a shared machine (another tenant, clocks, the page cache) then weighs on
+    both alike instead of on whichever ran second."""
     targets = [("service", service)] + ([("floor", floor)] if floor else [])
     results = []
     columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
@@ -348,29 +350,43 @@ def _run_cases(
         for n in sizes:
             body, content_type = multipart_upload(n, dtype)
             for conc in concurrencies:
-                for name, base in targets:
-                    task = progress.add_task(f"{name} {n}x{n} c={conc}", total=duration)
-                    start = time.perf_counter()
-
-                    def tick(task: Any = task, start: float = start) -> None:
-                        progress.update(task, completed=min(duration, time.perf_counter() - start))
-
-                    # One warm-up request per case keeps start-up costs out of the figures.
+                task = progress.add_task(f"{n}x{n} c={conc}", total=duration * len(targets))
+                for _, base in targets:  # one warm-up request keeps start-up costs out
                     asyncio.run(drive(f"{base}/v1/ops/{op}", body, content_type,
                                       concurrency=1, duration=0.0, token=token))  # fmt: skip
-                    if clients > 1:
-                        run = drive_clients(f"{base}/v1/ops/{op}", body, content_type,
-                                            clients=clients, concurrency=conc,
-                                            duration=duration, token=token)  # fmt: skip
-                    else:
-                        run = asyncio.run(drive(f"{base}/v1/ops/{op}", body, content_type,
-                                                concurrency=conc, duration=duration,
-                                                token=token, tick=tick))  # fmt: skip
-                    result = summarize(name, op, n, dtype, conc, body, run)
-                    result.clients = clients
+                runs: dict[str, list[tuple]] = {name: [] for name, _ in targets}
+                for _ in range(rounds):
+                    for name, base in targets:
+                        url, share = f"{base}/v1/ops/{op}", duration / rounds
+                        if clients > 1:
+                            run = drive_clients(url, body, content_type, clients=clients,
+                                                concurrency=conc, duration=share,
+                                                token=token)  # fmt: skip
+                        else:
+                            run = asyncio.run(drive(url, body, content_type, concurrency=conc,
+                                                    duration=share, token=token))  # fmt: skip
+                        runs[name].append(run)
+                        progress.advance(task, share)
+                for name, _ in targets:
+                    result = summarize(name, op, n, dtype, conc, body, merge_runs(runs[name]))
+                    result.clients, result.rounds = clients, rounds
                     results.append(result)
-                    progress.remove_task(task)
+                progress.remove_task(task)
     return results
+
+
+def merge_runs(runs: list[tuple]) -> tuple:
+    """Several :func:`drive` results as one: latencies and timings pooled, status counts and
+    wall seconds summed."""
+    latencies = [x for run in runs for x in run[0]]
+    statuses: dict[str, int] = {}
+    phases: dict[str, list[float]] = {}
+    for _, run_statuses, _, run_phases in runs:
+        for status, n in run_statuses.items():
+            statuses[status] = statuses.get(status, 0) + n
+        for phase, values in run_phases.items():
+            phases.setdefault(phase, []).extend(values)
+    return latencies, statuses, sum(run[2] for run in runs), phases
 
 
 def _without_samples(result: LoadResult) -> dict[str, Any]:
