@@ -26,6 +26,25 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def unseekable_npz(**arrays: np.ndarray) -> bytes:
+    """An .npz written through a pipe-like file: sizes in data descriptors after each member."""
+
+    class Pipe(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:
+            self.data += b
+            return len(b)
+
+    pipe = Pipe()
+    np.savez(pipe, **arrays)
+    return bytes(pipe.data)
+
+
 def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     """Random values of a dtype, never all zeros, small enough that int products don't wrap."""
     kind = np.dtype(dtype).kind

@@ -47,6 +47,8 @@ ZIP64_EXTRA_ID: Final = 0x0001
 STORED, DEFLATED = 0, 8
 # Inflate at most this much per call, so a bomb never gets ahead of the size checks.
 INFLATE_STEP: Final = 4 * 1024 * 1024
+# finish() work beyond this many bytes goes to a worker thread (Upload.finished_operands).
+HEAVY_FINISH_BYTES: Final = 1 << 20
 
 
 class NpyStream:
@@ -131,6 +133,13 @@ class NpyStream:
     def opaque_bytes(self) -> int:
         """How many of the next bytes are, by the header, array data (0 before the header)."""
         return 0 if self._target is None else len(self._target) - self._filled
+
+    def finish_bytes(self) -> int:
+        """Bytes :meth:`finish` still converts (a byte swap or a reorder), 0 when none."""
+        header = self._header
+        if header is None or (header.dtype.isnative and not header.fortran_order):
+            return 0
+        return header.nbytes
 
     def finish(self) -> np.ndarray:
         """The decoded array; :class:`BadArrayInput` when the data is short or too long."""
@@ -318,6 +327,10 @@ class NpzStream:
             self._member.close(label)
             self._member = None
 
+    def finish_bytes(self) -> int:
+        """Bytes :meth:`finish` still converts, over the members it decoded."""
+        return sum(stream.finish_bytes() for stream in self.arrays.values())
+
     def finish(self) -> np.ndarray:
         """The chosen member's array (same choice as the whole-file decoder)."""
         if self._member is not None or self._record:
@@ -406,6 +419,14 @@ class ArrayStream:
                 self._replay += data
             return
         stream.feed(data)
+
+    @property
+    def heavy_finish(self) -> bool:
+        """Whether :meth:`finish` has more work than an event loop should hold: a whole-file
+        decode (sizes in data descriptors, or no streamable start), or a byte swap or
+        reorder, of more than ``HEAVY_FINISH_BYTES``."""
+        pending = self.size if self._stream is None else self._stream.finish_bytes()
+        return pending > HEAVY_FINISH_BYTES
 
     def opaque_bytes(self) -> int:
         """How many of the next bytes the file's own headers declare to be data (array data

@@ -10,6 +10,7 @@ The byte cap is enforced on ``Content-Length`` before reading and on the bytes r
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -94,7 +95,31 @@ class Upload:
         return fields
 
     def operands(self, count: int = 2) -> list[Part]:
-        """Exactly ``count`` file parts: ``file_a``/``file_b`` when present, else in order."""
+        """Exactly ``count`` file parts: ``file_a``/``file_b`` when present, else in order,
+        their arrays finished here."""
+        files = self._pick(count)
+        start = time.perf_counter()
+        for part in files:
+            if part.array is None and part.stream is not None:
+                part.array = part.stream.finish()
+        self.decode_seconds += time.perf_counter() - start
+        return files
+
+    async def finished_operands(self, count: int = 2) -> list[Part]:
+        """:meth:`operands` for the event loop: an array whose finishing is heavy (a whole
+        file to decode, a large byte swap) is finished on a worker thread."""
+        files = self._pick(count)
+        start = time.perf_counter()
+        for part in files:
+            if part.array is None and part.stream is not None:
+                if part.stream.heavy_finish:
+                    part.array = await asyncio.to_thread(part.stream.finish)
+                else:
+                    part.array = part.stream.finish()
+        self.decode_seconds += time.perf_counter() - start
+        return files
+
+    def _pick(self, count: int) -> list[Part]:
         files = self.files
         if len(files) != count:
             names = ", ".join(repr(part.name) for part in files) or "none"
@@ -105,11 +130,6 @@ class Upload:
         by_name = {part.name: part for part in files}
         if all(name in by_name for name in CANONICAL_FIELDS[:count]):
             files = [by_name[name] for name in CANONICAL_FIELDS[:count]]
-        start = time.perf_counter()
-        for part in files:
-            if part.array is None and part.stream is not None:
-                part.array = part.stream.finish()
-        self.decode_seconds += time.perf_counter() - start
         return files
 
 

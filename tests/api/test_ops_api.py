@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import threading
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from gpu_matrix_service.app import create_app
+from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.backends.base import RunOptions
 from gpu_matrix_service.backends.cpu import CpuBackend
 from gpu_matrix_service.settings import Settings
 
-from arrayfiles import npy_bytes, npz_bytes, npz_compressed_bytes, random_array
+from arrayfiles import npy_bytes, npz_bytes, npz_compressed_bytes, random_array, unseekable_npz
 
 
 def files(a: bytes, b: bytes, names: tuple[str, str] = ("file_a", "file_b")) -> dict:
@@ -321,3 +325,33 @@ def test_long_double_result_comes_back_as_json_numbers(client):
     response = client.post("/add?result=json", files=files(npy_bytes(a), npy_bytes(a)))
     assert response.status_code == 200
     assert response.json()["result"] == [[0.0, 2.0], [4.0, 6.0]]
+
+
+def test_heavy_finishing_runs_off_the_event_loop_and_answers_right(monkeypatch, rng):
+    # A data-descriptor .npz is decoded whole at the end, a big-endian array byte-swapped:
+    # over a megabyte, both happen on a worker thread, not on the loop.
+    finished = []
+    original = ArrayStream.finish
+
+    def finish(self):
+        finished.append((self.heavy_finish, threading.get_ident()))
+        return original(self)
+
+    monkeypatch.setattr(ArrayStream, "finish", finish)
+    a, b = rng.standard_normal((400, 400)), rng.standard_normal((400, 400))
+    uploads = {"a": ("a.npz", unseekable_npz(m=a)), "b": ("b.npy", npy_bytes(b.astype(">f8")))}
+    app = create_app(Settings(backend="cpu", _env_file=None))
+
+    async def main() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://test") as http,
+        ):
+            return await http.post("/v1/ops/add?result=npy", files=uploads)
+
+    response = asyncio.run(main())  # the loop runs on this thread
+    assert response.status_code == 200, response.text
+    np.testing.assert_array_equal(np.load(io.BytesIO(response.content)), a + b)
+    assert [heavy for heavy, _ in finished] == [True, True]
+    assert threading.get_ident() not in {thread for _, thread in finished}

@@ -14,7 +14,7 @@ from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.errors import BadArrayInput, BadRequest, PayloadTooLarge, ServiceError
 from gpu_matrix_service.uploads import read_multipart
 
-from arrayfiles import npy_bytes, npz_bytes, npz_compressed_bytes
+from arrayfiles import npy_bytes, npz_bytes, npz_compressed_bytes, unseekable_npz
 
 LIMITS = ArrayLimits(max_bytes=1 << 24, max_elements=1 << 22, max_dims=8)
 
@@ -24,25 +24,6 @@ def stream_decode(data: bytes, chunk: int, allocate=None) -> np.ndarray:
     for start in range(0, len(data), chunk):
         stream.feed(memoryview(data)[start : start + chunk])
     return stream.finish()
-
-
-def unseekable_npz(**arrays: np.ndarray) -> bytes:
-    """An .npz written through a pipe-like file: sizes in data descriptors after each member."""
-
-    class Pipe(io.RawIOBase):
-        def __init__(self) -> None:
-            self.data = bytearray()
-
-        def writable(self) -> bool:
-            return True
-
-        def write(self, b) -> int:
-            self.data += b
-            return len(b)
-
-    pipe = Pipe()
-    np.savez(pipe, **arrays)
-    return bytes(pipe.data)
 
 
 def cases(rng) -> dict[str, bytes]:
@@ -191,6 +172,26 @@ def test_delimiter_bytes_inside_array_data_give_the_arrays_or_a_4xx_never_a_wron
         np.testing.assert_array_equal(arrays[1], b)
     else:
         assert 400 <= status < 500
+
+
+def test_heavy_finish_marks_whole_file_decodes_and_large_byte_swaps_only(rng):
+    big = rng.standard_normal((400, 400))  # 1.28 MB, over HEAVY_FINISH_BYTES
+    small = rng.standard_normal((40, 40))
+    cases = {
+        "native npz": (npz_bytes(big), big, False),
+        "native npy": (npy_bytes(big), big, False),
+        "big-endian npy": (npy_bytes(big.astype(">f8")), big, True),
+        "big-endian npz, small": (npz_bytes(small.astype(">f8")), small, False),
+        "Fortran-order npz": (npz_bytes(np.asfortranarray(big)), big, True),
+        "npz data descriptors": (unseekable_npz(m=big), big, True),
+        "npz data descriptors, small": (unseekable_npz(m=small), small, False),
+    }
+    for label, (data, expected, heavy) in cases.items():
+        stream = ArrayStream("file_a", LIMITS)
+        for start in range(0, len(data), 65536):
+            stream.feed(memoryview(data)[start : start + 65536])
+        assert stream.heavy_finish is heavy, label
+        np.testing.assert_array_equal(stream.finish(), expected)
 
 
 @pytest.mark.parametrize("chunk", [3, 64, 1 << 16])
