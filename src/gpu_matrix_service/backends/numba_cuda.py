@@ -21,8 +21,8 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import Any, Final, Protocol, TypeVar
+from collections.abc import Iterator
+from typing import Any, Final
 
 import numpy as np
 from numba import cuda
@@ -35,8 +35,14 @@ from gpu_matrix_service.backends.base import (
     DeviceKind,
     Result,
     RunOptions,
+    least_busy_device,
 )
-from gpu_matrix_service.backends.numba_memory import CUDA_ERRORS, DeviceBuffers, PinnedPool
+from gpu_matrix_service.backends.numba_memory import (
+    CUDA_ERRORS,
+    DeviceBuffers,
+    size_class,
+)
+from gpu_matrix_service.backends.pinned import PinnedArrayPool
 from gpu_matrix_service.errors import BackendFailure, DeviceOutOfMemory, UnsupportedDType
 from gpu_matrix_service.ops import Op, get_op
 from gpu_matrix_service.settings import Settings
@@ -61,16 +67,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """Whether a CUDA error is ``CUDA_ERROR_OUT_OF_MEMORY`` (a ``CudaAPIError`` from numba)."""
     code = getattr(exc, "code", None)
     return "OUT_OF_MEMORY" in str(getattr(code, "name", "")) or "OUT_OF_MEMORY" in str(exc)
-
-
-class GpuLoad(Protocol):
-    """What :func:`least_busy_device` reads of a device."""
-
-    in_flight: int
-    served: int
-
-
-_GpuLoad = TypeVar("_GpuLoad", bound=GpuLoad)
 
 
 class _Mark:
@@ -201,7 +197,13 @@ class NumbaBackend:
         self._lock = threading.Lock()
         self._closed = False
         ordinals = _visible_ordinals(settings)
-        self._pinned = PinnedPool(self._allocate_pinned, PINNED_KEEP_BYTES)
+        self._pinned = PinnedArrayPool(
+            self._pin,
+            lambda _memory: None,  # numba unpins the memory when it collects the array
+            size_class=size_class,
+            max_cached_bytes=PINNED_KEEP_BYTES,
+            pin_errors=CUDA_ERRORS,
+        )
         self._home = ordinals[0]  # the context pinned host memory is allocated in (portable)
         self._gpus: list[_Gpu] = []
         failures: list[str] = []
@@ -215,7 +217,7 @@ class NumbaBackend:
                 continue
             self._gpus.append(gpu)
         if not self._gpus:
-            self._pinned.clear()
+            self._pinned.close()
             raise BackendUnavailable("numba: no device passed the probe: " + "; ".join(failures))
         self._home = self._gpus[0].ordinal
 
@@ -231,7 +233,7 @@ class NumbaBackend:
 
     def empty_host(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An uninitialised array in pooled pinned host memory, for the decoder to fill."""
-        return self._pinned.array(tuple(shape), np.dtype(dtype))
+        return self._pinned.empty(tuple(shape), np.dtype(dtype))
 
     def run(self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions) -> Result:
         """Compute ``op(a, b)`` on the least busy GPU. Timings (seconds): ``h2d``, ``kernel``
@@ -254,7 +256,7 @@ class NumbaBackend:
             self._closed = True
         for gpu in self._gpus:
             gpu.close()
-        self._pinned.clear()
+        self._pinned.close()
 
     # -- device choice and error mapping ------------------------------------------------------
 
@@ -309,7 +311,7 @@ class NumbaBackend:
         a_flat = np.ascontiguousarray(a).reshape(-1)
         b_flat = np.ascontiguousarray(b).reshape(-1)
         n, dtype = a_flat.size, a_flat.dtype
-        out = self._pinned.array(a.shape, dtype)
+        out = self._pinned.empty(a.shape, dtype)
         out_flat = out.reshape(-1)
         d_a, d_b, d_out = (lane.device_array((n,), dtype) for _ in range(3))
         bounds = kernels.chunk_bounds(n, dtype.itemsize, self._tuning)
@@ -350,7 +352,7 @@ class NumbaBackend:
         """One stream: upload both operands, the tiled kernel, download the product."""
         (m, k), n = a.shape, b.shape[1]
         dtype = a.dtype
-        out = self._pinned.array((m, n), dtype)
+        out = self._pinned.empty((m, n), dtype)
         if k == 0:
             out[...] = 0  # an empty sum; no kernel for zero-size tiles
             return out, {"h2d": 0.0, "kernel": 0.0, "d2h": 0.0, "total": 0.0}
@@ -382,11 +384,12 @@ class NumbaBackend:
 
     # -- start-up ---------------------------------------------------------------------------
 
-    def _allocate_pinned(self, nbytes: int) -> np.ndarray:
+    def _pin(self, nbytes: int) -> tuple[int, np.ndarray]:
         # Portable: the buffer counts as pinned in every device's context, not just this one.
         with cuda.gpus[self._home]:
             memory = cuda.current_context().memhostalloc(nbytes, portable=True)
-        return np.ndarray((nbytes,), dtype=np.uint8, buffer=memory)
+        block = np.ndarray((nbytes,), dtype=np.uint8, buffer=memory)
+        return block.ctypes.data, block
 
     def _self_test(self, gpu: _Gpu) -> None:
         """Run every kernel once on small operands on ``gpu`` and compare with NumPy."""
@@ -422,9 +425,3 @@ def _visible_ordinals(settings: Settings) -> list[int]:
             f"numba: devices {unknown or ordinals} not among the {count} visible GPU(s)"
         )
     return ordinals
-
-
-def least_busy_device(gpus: Sequence[_GpuLoad]) -> _GpuLoad:
-    """The device with the fewest requests in flight; ties go to the one that served fewest,
-    so idle devices take turns."""
-    return min(gpus, key=lambda g: (g.in_flight, g.served))

@@ -1,0 +1,151 @@
+"""Page-locked host arrays, pooled: what both GPU backends decode uploads into and write results to.
+
+Copies from pinned memory go straight to the DMA engines at full PCIe/NVLink bandwidth;
+pageable memory is first copied by the driver through its own staging buffers. Pinning pages
+is slow (a few GB/s), so blocks are pinned once, rounded to size classes and reused: a block
+goes back to its pool when the last NumPy array viewing it is garbage collected. How a block
+is pinned and unpinned is the backend's (``cudaHostAlloc`` through our CUDA library, or
+numba's ``memhostalloc``); the pooling is the same for both.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from gpu_matrix_service.errors import BackendFailure
+
+log = logging.getLogger(__name__)
+
+# A pinned block: its address, its size class in bytes, and what the backend needs to unpin it.
+Block = tuple[int, int, Any]
+
+
+class _PinnedOwner:
+    """Owns one lent pinned block: NumPy arrays view it through ``__array_interface__`` and
+    keep it as their ``.base``; when the last of them dies, a finalizer returns the block."""
+
+    __slots__ = ("__array_interface__", "__weakref__")
+
+
+class PinnedArrayPool:
+    """Pinned host arrays from blocks that ``pin(nbytes) -> (address, handle)`` allocates and
+    ``unpin(handle)`` frees, reused by size class up to ``max_cached_bytes`` of free blocks.
+
+    When pinning raises one of ``pin_errors``, the cached free blocks are unpinned and it is
+    tried once more; failing again, the array comes from plain (pageable) memory.
+    """
+
+    def __init__(
+        self,
+        pin: Callable[[int], tuple[int, Any]],
+        unpin: Callable[[Any], None],
+        *,
+        size_class: Callable[[int], int],
+        max_cached_bytes: int,
+        pin_errors: tuple[type[Exception], ...],
+    ) -> None:
+        self._pin, self._unpin, self._size_class = pin, unpin, size_class
+        self._pin_errors = pin_errors
+        self._max_cached = max_cached_bytes
+        self._lock = threading.Lock()
+        self._free: dict[int, list[Block]] = collections.defaultdict(list)
+        self._cached = 0
+        self._lent = 0
+        # Finalizers may run on any thread at any moment (even inside this pool's own code),
+        # so they only append here (atomic); the blocks are sorted out under the lock later.
+        self._returned: collections.deque[Block] = collections.deque()
+        self._closed = False
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised C-contiguous array in pinned memory (plain memory if pinning fails)."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0 or dtype.hasobject or dtype.fields is not None:
+            return np.empty(shape, dtype=dtype)
+        block = self._acquire(nbytes)
+        if block is None:
+            return np.empty(shape, dtype=dtype)
+        owner = _PinnedOwner()
+        owner.__array_interface__ = {
+            "data": (block[0], False),
+            "shape": tuple(shape),
+            "typestr": dtype.str,
+            "version": 3,
+        }
+        finalizer = weakref.finalize(owner, self._give_back, block)
+        finalizer.atexit = False  # at exit the CUDA runtime may already be gone
+        return np.asarray(owner)
+
+    def _acquire(self, nbytes: int) -> Block | None:
+        size = self._size_class(nbytes)
+        with self._lock:
+            if self._closed:
+                raise BackendFailure("the pinned memory pool is closed")
+            self._collect_returned()
+            blocks = self._free[size]
+            if blocks:
+                self._cached -= size
+                self._lent += size
+                return blocks.pop()
+            try:
+                address, handle = self._pin(size)
+            except self._pin_errors:
+                self._unpin_cached()
+                try:
+                    address, handle = self._pin(size)
+                except self._pin_errors as exc:
+                    log.warning("cannot pin %d bytes, using pageable memory: %s", size, exc)
+                    return None
+            self._lent += size
+            return address, size, handle
+
+    def _give_back(self, block: Block) -> None:
+        if self._closed:
+            self._unpin(block[2])
+        else:
+            self._returned.append(block)
+
+    def _collect_returned(self) -> None:
+        while self._returned:
+            block = self._returned.popleft()
+            size = block[1]
+            self._lent -= size
+            if self._cached + size > self._max_cached:
+                self._unpin(block[2])
+            else:
+                self._free[size].append(block)
+                self._cached += size
+
+    def _unpin_cached(self) -> None:
+        for blocks in self._free.values():
+            while blocks:
+                self._unpin(blocks.pop()[2])
+        self._free.clear()
+        self._cached = 0
+
+    def stats(self) -> tuple[int, int]:
+        """(cached, lent) bytes: free pinned blocks kept for reuse, and blocks in arrays now."""
+        with self._lock:
+            self._collect_returned()
+            return self._cached, self._lent
+
+    def clear(self) -> None:
+        """Unpin every cached free block (out of memory elsewhere); the pool stays open."""
+        with self._lock:
+            self._collect_returned()
+            self._unpin_cached()
+
+    def close(self) -> None:
+        """Unpin cached blocks; blocks still in arrays are unpinned when those arrays die."""
+        with self._lock:
+            self._collect_returned()
+            self._unpin_cached()
+            self._closed = True

@@ -1,0 +1,85 @@
+"""The pinned-array pool both GPU backends share, with a fake pinning function."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from gpu_matrix_service.backends.pinned import PinnedArrayPool
+from gpu_matrix_service.errors import BackendFailure
+
+
+class PinFailed(Exception):
+    pass
+
+
+class FakePinning:
+    """Pins numpy buffers, up to ``capacity`` bytes at once; records what is pinned."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.pinned: dict[int, np.ndarray] = {}
+
+    def pin(self, nbytes: int) -> tuple[int, np.ndarray]:
+        if sum(b.nbytes for b in self.pinned.values()) + nbytes > self.capacity:
+            raise PinFailed(f"no room for {nbytes}")
+        block = np.zeros(nbytes, np.uint8)
+        self.pinned[block.ctypes.data] = block
+        return block.ctypes.data, block
+
+    def unpin(self, block: np.ndarray) -> None:
+        del self.pinned[block.ctypes.data]
+
+
+def pool_for(pinning: FakePinning, cached: int = 1 << 20) -> PinnedArrayPool:
+    return PinnedArrayPool(
+        pinning.pin, pinning.unpin, size_class=lambda n: -(-n // 1024) * 1024,
+        max_cached_bytes=cached, pin_errors=(PinFailed,),
+    )  # fmt: skip
+
+
+def test_a_failed_pin_unpins_the_cache_and_retries_then_falls_back_to_pageable():
+    pinning = FakePinning(capacity=4096)
+    pool = pool_for(pinning)
+    cached = pool.empty((2048,), np.uint8)
+    del cached
+    gc.collect()
+    assert pool.stats() == (2048, 0) and len(pinning.pinned) == 1
+    # 3 KiB does not fit beside the cached 2 KiB: the cache is unpinned, the retry succeeds.
+    fits = pool.empty((3072,), np.uint8)
+    assert pool.stats() == (0, 3072)
+    assert fits.ctypes.data in pinning.pinned
+    # Nothing cached to give up now: 2 KiB more cannot be pinned, so it is pageable memory.
+    pageable = pool.empty((2048,), np.uint8)
+    assert pageable.ctypes.data not in pinning.pinned
+    assert pool.stats() == (0, 3072)
+
+
+def test_arrays_view_their_block_and_values_survive_until_collected():
+    pinning = FakePinning(capacity=1 << 20)
+    pool = pool_for(pinning)
+    array = pool.empty((16, 8), np.float64)
+    array[...] = np.arange(128).reshape(16, 8)
+    view = array[3:]
+    del array
+    gc.collect()
+    assert pool.stats() == (0, 1024)  # the view still holds the block
+    np.testing.assert_array_equal(view[0], np.arange(24, 32))
+    del view
+    gc.collect()
+    assert pool.stats() == (1024, 0)
+
+
+def test_after_close_new_arrays_are_refused_and_lent_blocks_unpin_when_freed():
+    pinning = FakePinning(capacity=1 << 20)
+    pool = pool_for(pinning)
+    lent = pool.empty((100,), np.int32)
+    pool.close()
+    with pytest.raises(BackendFailure, match="closed"):
+        pool.empty((100,), np.int32)
+    assert len(pinning.pinned) == 1
+    del lent
+    gc.collect()
+    assert pinning.pinned == {}
