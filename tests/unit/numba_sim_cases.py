@@ -13,7 +13,6 @@ import itertools
 import os
 import threading
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 
@@ -26,7 +25,7 @@ import numpy as np
 
 cuda = pytest.importorskip("numba.cuda")
 
-from gpu_matrix_service.backends import numba_cuda, numba_kernels, numba_memory  # noqa: E402
+from gpu_matrix_service.backends import numba_kernels, numba_memory  # noqa: E402
 from gpu_matrix_service.backends.base import BackendUnavailable, RunOptions  # noqa: E402
 from gpu_matrix_service.backends.numba_cuda import NumbaBackend  # noqa: E402
 from gpu_matrix_service.errors import (  # noqa: E402
@@ -236,14 +235,6 @@ def test_other_cuda_errors_are_backend_failures_with_the_cuda_text(monkeypatch):
             be.run(get_op("multiply"), a, b, RunOptions())
     np.testing.assert_array_equal(be.run(get_op("multiply"), a, b, RunOptions()).array, a * b)
     be.close()
-
-
-def test_least_busy_device_prefers_fewest_in_flight_then_fewest_served():
-    busy = SimpleNamespace(in_flight=2, served=0)
-    idle_old = SimpleNamespace(in_flight=0, served=9)
-    idle_new = SimpleNamespace(in_flight=0, served=1)
-    assert numba_cuda.least_busy_device([busy, idle_old, idle_new]) is idle_new
-    assert numba_cuda.least_busy_device([busy]) is busy
 
 
 def test_devices_outside_the_visible_ones_are_unavailable():

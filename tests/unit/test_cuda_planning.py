@@ -8,9 +8,9 @@ import gc
 import numpy as np
 import pytest
 
+from gpu_matrix_service.backends.base import least_busy_device
 from gpu_matrix_service.backends.cuda.backend import (
     GpuDevice,
-    least_busy_device,
     plan_chunks,
     plan_matmul_block_rows,
 )
@@ -85,9 +85,13 @@ def test_matmul_blocks_cover_all_rows_in_at_most_four_blocks():
     assert plan_matmul_block_rows(1000) == 1000
 
 
-def test_least_busy_device_has_fewest_requests_in_flight():
-    devices = [GpuDevice(i, "gpu", 1, 0, None, in_flight=n) for i, n in enumerate([2, 0, 1, 0])]
-    assert least_busy_device(devices).ordinal == 1
+def test_least_busy_device_has_fewest_requests_in_flight_then_fewest_served():
+    loads = [(2, 0), (0, 5), (1, 0), (0, 3)]
+    devices = [
+        GpuDevice(i, "gpu", 1, 0, None, in_flight=f, served=s) for i, (f, s) in enumerate(loads)
+    ]
+    assert least_busy_device(devices).ordinal == 3
+    assert least_busy_device(devices[:2]).ordinal == 1
 
 
 def test_device_pool_reuses_blocks_and_trims_cache():

@@ -7,8 +7,9 @@ imports a backend module, only :mod:`gpu_matrix_service.backends.registry`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -91,3 +92,19 @@ class Backend(Protocol):
 
 class BackendUnavailable(RuntimeError):
     """Raised by a backend's constructor when its probe fails; the message says why, for logs."""
+
+
+class DeviceLoad(Protocol):
+    """What :func:`least_busy_device` reads of a GPU backend's device."""
+
+    in_flight: int
+    served: int
+
+
+LoadT = TypeVar("LoadT", bound=DeviceLoad)
+
+
+def least_busy_device(devices: Sequence[LoadT]) -> LoadT:
+    """The device with the fewest requests in flight; ties go to the one that served fewest,
+    so idle devices take turns (both GPU backends place requests this way)."""
+    return min(devices, key=lambda device: (device.in_flight, device.served))

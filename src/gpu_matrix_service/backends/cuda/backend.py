@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -22,6 +22,7 @@ from gpu_matrix_service.backends.base import (
     DeviceKind,
     Result,
     RunOptions,
+    least_busy_device,
 )
 from gpu_matrix_service.backends.cuda import binding
 from gpu_matrix_service.backends.cuda.binding import KernelLibrary
@@ -85,16 +86,12 @@ class GpuDevice:
     context: int
     pool: DevicePool
     in_flight: int = field(default=0)
+    served: int = field(default=0)
 
     @property
     def label(self) -> str:
         """The name requests report, e.g. ``NVIDIA H100 80GB HBM3 (cuda:0)``."""
         return f"{self.name} (cuda:{self.ordinal})"
-
-
-def least_busy_device(devices: Sequence[GpuDevice]) -> GpuDevice:
-    """The device with the fewest requests in flight (the lowest ordinal among equals)."""
-    return min(devices, key=lambda device: device.in_flight)
 
 
 class CudaBackend:
@@ -196,6 +193,7 @@ class CudaBackend:
                 raise BackendFailure("the cuda backend is closed")
             device = least_busy_device(self._devices)
             device.in_flight += 1
+            device.served += 1
         return device
 
     def _retry_after_trim(self, device: GpuDevice, attempt: Callable[[], Result]) -> Result:
