@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gpu_matrix_service import __version__
+from gpu_matrix_service.backends.registry import leave_if_exit_handlers_would_crash
 from gpu_matrix_service.batch import run_command
 from gpu_matrix_service.bench.compute import bench_compute
 from gpu_matrix_service.bench.http import bench_http
@@ -356,4 +357,12 @@ def _call_service(url: str, token: str | None, action: Any) -> Any:
 
 def main() -> None:
     """Entry point of the ``gpu-matrix-service`` console script."""
-    app()
+    try:
+        app()
+    except SystemExit as done:  # Click ends every command this way, in success too
+        if isinstance(done.code, str):
+            err_console.print(done.code, markup=False)
+            leave_if_exit_handlers_would_crash(1)
+        else:
+            leave_if_exit_handlers_would_crash(done.code or 0)
+        raise

@@ -213,7 +213,18 @@ def test_concurrent_requests_from_threads(backend):
         assert len(devices_used) > 1  # the least busy device is not always the first
 
 
-def test_out_of_memory_raises_and_the_next_request_works(backend, rng, nvml_total_bytes):
+@pytest.fixture
+def one_gpu_backend():
+    """GPU 0 alone: its pool's cache is then the whole of ``memory_usage``."""
+    from gpu_matrix_service.backends.cuda.backend import CudaBackend
+
+    cuda = CudaBackend(Settings(_env_file=None, backend="cuda", devices="0"))
+    yield cuda
+    cuda.close()
+
+
+def test_out_of_memory_raises_and_the_next_request_works(one_gpu_backend, rng, nvml_total_bytes):
+    backend = one_gpu_backend
     x, y = random_array(rng, (4096, 4096), np.float32), random_array(rng, (4096, 4096), np.float32)
     backend.run(OPS["matmul"], x, y, RunOptions())  # leaves 3 x 64 MiB cached in the pool
     total = max(nvml_total_bytes(d.index) for d in backend.devices())

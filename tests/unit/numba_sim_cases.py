@@ -25,7 +25,7 @@ import numpy as np
 
 cuda = pytest.importorskip("numba.cuda")
 
-from gpu_matrix_service.backends import numba_kernels, numba_memory  # noqa: E402
+from gpu_matrix_service.backends import numba_cuda, numba_kernels, numba_memory  # noqa: E402
 from gpu_matrix_service.backends.base import BackendUnavailable, RunOptions  # noqa: E402
 from gpu_matrix_service.backends.numba_cuda import NumbaBackend  # noqa: E402
 from gpu_matrix_service.errors import (  # noqa: E402
@@ -235,6 +235,12 @@ def test_other_cuda_errors_are_backend_failures_with_the_cuda_text(monkeypatch):
             be.run(get_op("multiply"), a, b, RunOptions())
     np.testing.assert_array_equal(be.run(get_op("multiply"), a, b, RunOptions()).array, a * b)
     be.close()
+
+
+def test_the_backend_records_the_gpus_it_opened_contexts_on(backend):
+    # One (simulated) GPU: numba's exit handlers are safe, the process exits normally.
+    assert sorted(numba_cuda._ORDINALS_WITH_CONTEXTS) == [0]
+    assert not numba_cuda.exits_crash_at_interpreter_exit()
 
 
 def test_devices_outside_the_visible_ones_are_unavailable():

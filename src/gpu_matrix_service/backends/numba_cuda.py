@@ -63,6 +63,16 @@ SIMULATED: Final[bool] = bool(cuda.config.ENABLE_CUDASIM)
 _SIMULATOR_SERIAL: Final = threading.Lock() if SIMULATED else contextlib.nullcontext()
 
 
+# numba-cuda 0.30's exit handlers segfault in a process that opened contexts on two or more
+# GPUs (docs/backends.md): the GPUs this process's Numba backends have used.
+_ORDINALS_WITH_CONTEXTS: set[int] = set()
+
+
+def exits_crash_at_interpreter_exit() -> bool:
+    """Whether this process used numba on several GPUs, so that its exit handlers will crash."""
+    return len(_ORDINALS_WITH_CONTEXTS) > 1
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether a CUDA error is ``CUDA_ERROR_OUT_OF_MEMORY`` (a ``CudaAPIError`` from numba)."""
     code = getattr(exc, "code", None)
@@ -197,6 +207,7 @@ class NumbaBackend:
         self._lock = threading.Lock()
         self._closed = False
         ordinals = _visible_ordinals(settings)
+        _ORDINALS_WITH_CONTEXTS.update(ordinals)
         self._pinned = PinnedArrayPool(
             self._pin,
             lambda _memory: None,  # numba unpins the memory when it collects the array

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 from typing import Final
 
 from gpu_matrix_service.backends.base import Backend, BackendUnavailable
@@ -54,3 +56,18 @@ def select_backend(settings: Settings) -> tuple[Backend, list[str]]:
         log.info("backend %s selected (auto)", name)
         return backend, skipped
     raise BackendUnavailable("no backend could start: " + "; ".join(skipped))
+
+
+def leave_if_exit_handlers_would_crash(status: int) -> None:
+    """End the process now with ``status`` when a backend's interpreter-exit handlers are known
+    to crash it; otherwise return. Call it where the process is done (resources released,
+    answers given): numba-cuda 0.30 segfaults at exit once it has used two or more GPUs
+    (docs/backends.md), which would turn a clean exit 0 into 139."""
+    numba_cuda = sys.modules.get("gpu_matrix_service.backends.numba_cuda")
+    if numba_cuda is None or not numba_cuda.exits_crash_at_interpreter_exit():
+        return
+    log.info("leaving without interpreter-exit handlers (numba-cuda on several GPUs)")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
