@@ -105,15 +105,22 @@ class RayHead:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
-    head = RayHead(tmp_path_factory.mktemp("ray") / "ray-start.log")
-    try:
-        head.connect()
-        yield head
-    finally:
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
-        head.stop()
+    # Ray 2.59+ turns token authentication on for local clusters when ~/.ray/auth_token
+    # exists; one left there by an earlier ray.init() made this driver fail to connect
+    # (InvalidAuthToken), and so did a token of our own through RAY_AUTH_TOKEN or
+    # RAY_AUTH_TOKEN_PATH (Ray 2.60). The cluster listens on loopback only, for this test:
+    # authentication off, in the environment the head, this driver and `serve` inherit.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        head = RayHead(tmp_path_factory.mktemp("ray") / "ray-start.log")
+        try:
+            head.connect()
+            yield head
+        finally:
+            if ray.is_initialized():
+                serve.shutdown()
+                ray.shutdown()
+            head.stop()
 
 
 @pytest.fixture(scope="module")
