@@ -130,10 +130,6 @@ class NpyStream:
         self._target = memoryview(self._out.reshape(-1).view(np.uint8))
         return rest
 
-    def opaque_bytes(self) -> int:
-        """How many of the next bytes are, by the header, array data (0 before the header)."""
-        return 0 if self._target is None else len(self._target) - self._filled
-
     def finish_bytes(self) -> int:
         """Bytes :meth:`finish` still converts (a byte swap or a reorder), 0 when none."""
         header = self._header
@@ -244,12 +240,6 @@ class NpzStream:
             if self._member.packed_left == 0:
                 self._member.close(self._label(self._member.key))
                 self._member = None
-
-    def opaque_bytes(self) -> int:
-        """How many of the next bytes are, by the local header, the current member's data."""
-        if self._member is None or self._in_trailer or self.needs_whole_file:
-            return 0
-        return self._member.packed_left
 
     def _label(self, key: str) -> str:
         return f"{self.name}[{key}]"
@@ -422,17 +412,12 @@ class ArrayStream:
 
     @property
     def heavy_finish(self) -> bool:
-        """Whether :meth:`finish` has more work than an event loop should hold: a whole-file
-        decode (sizes in data descriptors, or no streamable start), or a byte swap or
-        reorder, of more than ``HEAVY_FINISH_BYTES``."""
-        pending = self.size if self._stream is None else self._stream.finish_bytes()
-        return pending > HEAVY_FINISH_BYTES
-
-    def opaque_bytes(self) -> int:
-        """How many of the next bytes the file's own headers declare to be data (array data
-        or a zip member's): bytes no multipart delimiter needs looking for in. 0 when
-        unknown."""
-        return 0 if self._stream is None else self._stream.opaque_bytes()
+        """Whether :meth:`finish` has more work than an event loop should hold: any
+        whole-file decode (sizes in data descriptors: a few compressed bytes can inflate to
+        the array limit), or a byte swap or reorder of more than ``HEAVY_FINISH_BYTES``."""
+        if self._stream is None:
+            return True
+        return self._stream.finish_bytes() > HEAVY_FINISH_BYTES
 
     def _open(self, magic: bytes) -> NpyStream | NpzStream | None:
         if magic == NPY_MAGIC:

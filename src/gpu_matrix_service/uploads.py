@@ -191,9 +191,6 @@ class MultipartSplitter:
 
     def _feed_data(self, chunk: bytes, position: int) -> int:
         """Pass part content on up to the next delimiter; returns the position after it."""
-        skipped = self._feed_opaque(chunk, position)
-        if skipped:
-            return position + skipped
         delimiter, keep = self.delimiter, len(self.delimiter) - 1
         if self._tail:
             # A delimiter may straddle the previous chunk's end and this one's start.
@@ -222,25 +219,6 @@ class MultipartSplitter:
         self._emit(view[position:cut])
         self._tail = chunk[cut:]
         return len(chunk)
-
-    def _feed_opaque(self, chunk: bytes, position: int) -> int:
-        """Pass on, without looking for the delimiter, the bytes the part's own file headers
-        declare to be data (an array's bytes, a zip member's): the sender must choose a
-        boundary that its content does not contain (RFC 2046), so none can start there.
-        This spares a search through every byte of a large array. Returns how many bytes
-        of ``chunk`` went."""
-        stream = self._current.stream if self._current is not None else None
-        opaque = stream.opaque_bytes() if stream is not None else 0
-        if opaque < max(1, len(self._tail)):
-            return 0
-        if self._tail:  # held back in case a delimiter straddled chunks: it is data
-            self._emit(self._tail)
-            opaque -= len(self._tail)
-            self._tail = b""
-        take = min(opaque, len(chunk) - position)
-        if take:
-            self._emit(memoryview(chunk)[position : position + take])
-        return take
 
     def _end_part(self) -> None:
         self._current = None
