@@ -105,11 +105,10 @@ class ComputeService:
         :class:`ComputeTimeout` (504) when waiting and computing take longer than
         ``compute_timeout_seconds``.
         """
-        if is_tiny(op, a, b) and (self.backend.device_kind == "CPU" or not self._running):
-            # A thread hop costs more than the work: in process, a 64x64 add's server time
-            # went from 0.22 to 0.40 ms with it. Run here, holding the loop for well under a
-            # millisecond. On a GPU backend only while this process has nothing else on a
-            # device: behind another request's matmul, the wait would hold the loop.
+        if self.backend.device_kind == "CPU" and is_tiny(op, a, b):
+            # A thread hop costs more than the work (about 0.1-0.6 ms); the loop is held for
+            # well under a millisecond. Never on a GPU backend: a device busy with another
+            # request's matmul would hold the loop.
             return self.run_arrays(op, a, b, options)
         future = self._executor.submit(self.run_arrays, op, a, b, options)
         ticket.handed_to_worker = True
