@@ -225,6 +225,16 @@ def test_bad_query_parameter_is_422_naming_it(client, rng, query, field):
     assert issue["loc"] == ["query", field]
 
 
+def test_an_unknown_op_and_a_bad_query_are_both_listed_as_fastapi_words_them(client, rng):
+    data = npz_bytes(rng.standard_normal(2))
+    response = client.post("/v1/ops/divide?result=xml", files=files(data, data))
+    assert response.status_code == 422
+    op, result = response.json()["detail"]
+    assert op["loc"] == ["path", "op"] and result["loc"] == ["query", "result"]
+    assert op["msg"] == "Input should be 'add', 'subtract', 'multiply' or 'matmul'"
+    assert result["msg"] == "Input should be 'npz', 'npy' or 'json'"
+
+
 class OptionsRecorder(CpuBackend):
     """The CPU backend, keeping the options each run was given."""
 
