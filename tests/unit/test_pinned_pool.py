@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import gc
 
 import numpy as np
@@ -80,6 +81,22 @@ def test_after_close_new_arrays_are_refused_and_lent_blocks_unpin_when_freed():
     with pytest.raises(BackendFailure, match="closed"):
         pool.empty((100,), np.int32)
     assert len(pinning.pinned) == 1
+    del lent
+    gc.collect()
+    assert pinning.pinned == {}
+
+
+def test_a_block_returned_while_the_pool_closes_is_still_unpinned():
+    pinning = FakePinning(capacity=1 << 20)
+    pool = pool_for(pinning)
+    lent = pool.empty((100,), np.int32)
+
+    class CloseFirst(collections.deque):
+        def append(self, block) -> None:
+            pool.close()  # close() slips in between the finalizer's check and its append
+            super().append(block)
+
+    pool._returned = CloseFirst()
     del lent
     gc.collect()
     assert pinning.pinned == {}

@@ -95,23 +95,43 @@ class PinnedArrayPool:
                 self._cached -= size
                 self._lent += size
                 return blocks.pop()
+        # Pinning takes milliseconds for large blocks: outside the lock, so that a decode
+        # taking a cached block never waits behind another request's pinning.
+        block = self._pin_block(size)
+        if block is not None:
+            with self._lock:
+                self._lent += size
+        return block
+
+    def _pin_block(self, size: int) -> Block | None:
+        try:
+            address, handle = self._pin(size)
+        except self._pin_errors:
+            self.clear()
             try:
                 address, handle = self._pin(size)
-            except self._pin_errors:
-                self._unpin_cached()
-                try:
-                    address, handle = self._pin(size)
-                except self._pin_errors as exc:
-                    log.warning("cannot pin %d bytes, using pageable memory: %s", size, exc)
-                    return None
-            self._lent += size
-            return address, size, handle
+            except self._pin_errors as exc:
+                log.warning("cannot pin %d bytes, using pageable memory: %s", size, exc)
+                return None
+        return address, size, handle
 
     def _give_back(self, block: Block) -> None:
+        # A finalizer: no lock here, it may run inside this pool's own locked code.
         if self._closed:
             self._unpin(block[2])
-        else:
-            self._returned.append(block)
+            return
+        self._returned.append(block)
+        if self._closed:  # close() ran in between and may have drained already
+            self._unpin_returned()
+
+    def _unpin_returned(self) -> None:
+        """After close: unpin whatever came back (each block is popped exactly once)."""
+        while True:
+            try:
+                block = self._returned.popleft()
+            except IndexError:
+                return
+            self._unpin(block[2])
 
     def _collect_returned(self) -> None:
         while self._returned:
@@ -146,6 +166,6 @@ class PinnedArrayPool:
     def close(self) -> None:
         """Unpin cached blocks; blocks still in arrays are unpinned when those arrays die."""
         with self._lock:
-            self._collect_returned()
+            self._closed = True  # first: a block returned from now on is unpinned at once
+            self._unpin_returned()
             self._unpin_cached()
-            self._closed = True
