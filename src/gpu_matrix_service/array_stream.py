@@ -47,7 +47,7 @@ ZIP64_EXTRA_ID: Final = 0x0001
 STORED, DEFLATED = 0, 8
 # Inflate at most this much per call, so a bomb never gets ahead of the size checks.
 INFLATE_STEP: Final = 4 * 1024 * 1024
-# finish() work beyond this many bytes goes to a worker thread (Upload.finished_operands).
+# finish() work beyond this many bytes goes to a worker thread (Upload.operands).
 HEAVY_FINISH_BYTES: Final = 1 << 20
 
 

@@ -94,20 +94,10 @@ class Upload:
                 fields.setdefault(part.name, part.text.decode("latin-1"))
         return fields
 
-    def operands(self, count: int = 2) -> list[Part]:
+    async def operands(self, count: int = 2) -> list[Part]:
         """Exactly ``count`` file parts: ``file_a``/``file_b`` when present, else in order,
-        their arrays finished here."""
-        files = self._pick(count)
-        start = time.perf_counter()
-        for part in files:
-            if part.array is None and part.stream is not None:
-                part.array = part.stream.finish()
-        self.decode_seconds += time.perf_counter() - start
-        return files
-
-    async def finished_operands(self, count: int = 2) -> list[Part]:
-        """:meth:`operands` for the event loop: an array whose finishing is heavy (a whole
-        file to decode, a large byte swap) is finished on a worker thread."""
+        their arrays finished. A finish that is heavy (a whole file to decode, a large byte
+        swap) runs on a worker thread, not on the event loop."""
         files = self._pick(count)
         start = time.perf_counter()
         for part in files:

@@ -644,7 +644,7 @@ def parse(
                            content_length=content_length, max_bytes=max_bytes,
                            open_file=lambda name, most: ArrayStream(name, LIMITS, most_bytes=most))
         )  # fmt: skip
-        upload.operands(len(upload.files))
+        asyncio.run(upload.operands(len(upload.files)))
     except ServiceError as exc:
         assert_documented_refusal(exc)
         return exc

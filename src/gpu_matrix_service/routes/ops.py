@@ -239,7 +239,7 @@ async def run_op(
         metrics = service_metrics(request)
         endpoint = route_template(request.scope)
         metrics.child(metrics.upload_bytes, endpoint).observe(upload.body_bytes)
-        a, b = await upload.finished_operands()
+        a, b = await upload.operands()
         assert a.array is not None
         assert b.array is not None
         outcome = await service.compute(op, a.array, b.array, RunOptions(allow_tf32), ticket)
