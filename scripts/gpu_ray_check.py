@@ -15,74 +15,29 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import ray
-from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from gpu_matrix_service.bench.http import free_port
 from gpu_matrix_service.engines.ray_serve import (
-    APP_NAME,
-    DEPLOYMENT_NAME,
     ReplicaPlan,
     deploy_on_ray,
+    replica_gpus,
+    wait_for_replicas,
 )
-from gpu_matrix_service.gpu import load_pynvml
+from gpu_matrix_service.gpu import GpuMonitor
 from gpu_matrix_service.settings import Settings
 
 
 def gpu_count() -> int:
-    pynvml = load_pynvml()
-    if pynvml is None:
-        return 0
+    monitor = GpuMonitor()
     try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return 0
-    try:
-        return pynvml.nvmlDeviceGetCount()
+        return len(monitor.snapshot().gpus)
     finally:
-        pynvml.nvmlShutdown()
-
-
-def wait_running(count: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        app = serve.status().applications.get(APP_NAME)
-        deployment = app and app.deployments.get(DEPLOYMENT_NAME)
-        running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
-        if running == count and deployment.status == "HEALTHY":
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{count} replicas not running after {timeout} s")
-
-
-def gpus_by_replica(url: str, replicas: int, timeout: float = 60) -> dict[str, list[str]]:
-    """Concurrent scrapes through the proxy until every replica has reported its GPUs."""
-    held: dict[str, set[str]] = {}
-
-    def scrape(_: int) -> tuple[str | None, set[str]]:
-        text = httpx.get(f"{url}/metrics", timeout=30).text
-        replica, uuids = None, set()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                replica = sample.labels.get("replica", replica)
-                if sample.name == "gpu_process_memory_bytes" and sample.value > 0:
-                    uuids.add(sample.labels["uuid"])
-        return replica, uuids
-
-    deadline = time.monotonic() + timeout
-    with ThreadPoolExecutor(8) as pool:
-        while len(held) < replicas and time.monotonic() < deadline:
-            for replica, uuids in pool.map(scrape, range(16)):
-                if replica:
-                    held.setdefault(replica, set()).update(uuids)
-    return {replica: sorted(uuids) for replica, uuids in held.items()}
+        monitor.close()
 
 
 def bench(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -127,9 +82,10 @@ def main() -> int:
     try:
         for replicas in (1, 2):
             url = deploy_on_ray(settings, ReplicaPlan(replicas=replicas, num_gpus=per_replica))
-            wait_running(replicas)
+            wait_for_replicas(replicas)
             results = bench(url, args)
-            held = {} if args.cpu_rehearsal else gpus_by_replica(url, replicas)
+            by_replica = {} if args.cpu_rehearsal else replica_gpus(url, replicas)
+            held = {replica: sorted(uuids) for replica, uuids in by_replica.items()}
             steps.append({"replicas": replicas, "gpus_by_replica": held, "results": results})
             print(f"{replicas} replica(s): GPUs by replica {held}")
     finally:

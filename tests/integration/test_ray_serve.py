@@ -50,6 +50,8 @@ from gpu_matrix_service.engines.ray_serve import (
     ReplicaPlan,
     app_builder,
     deploy_on_ray,
+    replica_gpus,
+    wait_for_replicas,
 )
 
 SERVE_CONFIG = REPO / "deploy" / "ray" / "serve.yaml"
@@ -167,24 +169,10 @@ def replica_views(url: str, replicas: int, deadline: float) -> dict[str, dict[st
     return views
 
 
-def wait_for_running_replicas(count: int, timeout: float = 120) -> None:
-    """Until Serve reports ``count`` replicas of the deployment RUNNING."""
-    deadline = time.monotonic() + timeout
-    running = 0
-    while time.monotonic() < deadline:
-        app = serve.status().applications.get(APP_NAME)
-        deployment = app and app.deployments.get(DEPLOYMENT_NAME)
-        running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
-        if running >= count:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{running} of {count} replicas running after {timeout} s")
-
-
 def test_two_replicas_on_the_cpu_answer_through_the_serve_proxy(ray_head: RayHead, proxy_port: int):
     plan = ReplicaPlan(replicas=2, num_gpus=0, num_cpus=0.5)
     url = deploy_on_ray(cpu_settings(proxy_port), plan, address=ray_head.address)
-    wait_for_running_replicas(2)
+    wait_for_replicas(2)
     rng = np.random.default_rng(7)
     sent = 0
     deadline = time.monotonic() + 90
@@ -213,6 +201,8 @@ def test_two_replicas_on_the_cpu_answer_through_the_serve_proxy(ray_head: RayHea
     assert sum(served.values()) == sent
     for replica, view in views.items():
         assert view[f"instance:{DEPLOYMENT_NAME}#{replica}"] == 1
+    # Both replicas answer replica_gpus too; on the CPU neither holds GPU memory.
+    assert replica_gpus(url, replicas=2) == {replica: set() for replica in views}
     serve.delete(APP_NAME)
 
 
@@ -314,12 +304,12 @@ def test_two_gpu_replicas_land_on_different_gpus(proxy_port: int):
     try:
         settings = Settings(backend="auto", port=proxy_port, _env_file=None)
         url = deploy_on_ray(settings, ReplicaPlan(replicas=2, num_gpus=1), address=None)
-        wait_for_running_replicas(2)
+        wait_for_replicas(2)
         a = np.ones((2048, 2048), dtype=np.float32)
         with ThreadPoolExecutor(max_workers=8) as pool:
             answers = list(pool.map(lambda _: post_op_summary(url, a), range(16)))
         assert {answer["device"] for answer in answers} == {"GPU"}
-        gpus_by_replica = held_gpus_by_replica(url)
+        gpus_by_replica = replica_gpus(url, replicas=2)
         assert len(gpus_by_replica) == 2, gpus_by_replica
         first, second = gpus_by_replica.values()
         assert len(first) == len(second) == 1 and first != second, gpus_by_replica
@@ -333,27 +323,3 @@ def post_op_summary(url: str, a: np.ndarray) -> dict:
     response = httpx.post(f"{url}/v1/ops/matmul", files=files, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def held_gpus_by_replica(url: str, replicas: int = 2, timeout: float = 60) -> dict[str, set[str]]:
-    """Per replica, the GPUs (UUIDs) on which its process holds memory, from NVML: scrapes
-    several at a time (a scrape through the proxy reaches one replica) until ``replicas``
-    replicas have reported, or the timeout passes."""
-    held: dict[str, set[str]] = {}
-    deadline = time.monotonic() + timeout
-
-    def scrape(_: int) -> dict[str, set[str]]:
-        text = httpx.get(f"{url}/metrics", timeout=30).text
-        seen: dict[str, set[str]] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "gpu_process_memory_bytes" and sample.value > 0:
-                    seen.setdefault(sample.labels["replica"], set()).add(sample.labels["uuid"])
-        return seen
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        while len(held) < replicas and time.monotonic() < deadline:
-            for seen in pool.map(scrape, range(16)):
-                for replica, uuids in seen.items():
-                    held.setdefault(replica, set()).update(uuids)
-    return held

@@ -24,12 +24,16 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
+import httpx
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from rich.console import Console
 
@@ -203,6 +207,47 @@ def deploy_on_ray(settings: Settings, plan: ReplicaPlan, address: str | None = N
     serve.run(build_application(settings, plan), name=APP_NAME, route_prefix="/")
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     return f"http://{host}:{settings.port}"
+
+
+def wait_for_replicas(count: int, timeout: float = 180) -> None:
+    """Until Serve reports exactly ``count`` replicas of the deployment RUNNING and the
+    deployment HEALTHY (after a scale up or down too); :class:`TimeoutError` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    running = 0
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        deployment = app and app.deployments.get(DEPLOYMENT_NAME)
+        running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+        if running == count and deployment.status == "HEALTHY":
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{running} of {count} replicas running after {timeout} s")
+
+
+def replica_gpus(url: str, replicas: int, timeout: float = 60) -> dict[str, set[str]]:
+    """Per replica, the GPUs (NVML UUIDs) its process holds memory on, from the replicas' own
+    ``/metrics`` through the proxy at ``url``. A scrape reaches one replica, so they go
+    several at a time until ``replicas`` replicas have answered, or ``timeout`` passes."""
+    held: dict[str, set[str]] = {}
+
+    def scrape(_: int) -> tuple[str | None, set[str]]:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        replica, uuids = None, set()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                replica = sample.labels.get("replica", replica)
+                if sample.name == "gpu_process_memory_bytes" and sample.value > 0:
+                    uuids.add(sample.labels["uuid"])
+        return replica, uuids
+
+    deadline = time.monotonic() + timeout
+    with ThreadPoolExecutor(8) as pool:
+        while len(held) < replicas and time.monotonic() < deadline:
+            for replica, uuids in pool.map(scrape, range(16)):
+                if replica:
+                    held.setdefault(replica, set()).update(uuids)
+    return held
 
 
 def serve_with_ray(settings: Settings, plan: ReplicaPlan, address: str | None = None) -> None:
