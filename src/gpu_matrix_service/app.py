@@ -108,7 +108,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.metrics = service_metrics
     # Without tokens there is nothing to check: no dependency at all keeps small requests fast.
     guard = [Depends(require_token)] if settings.api_tokens else []
-    app.include_router(ops.router, dependencies=guard)
+    app.router.routes.extend(ops.dispatch_routes())  # serve the ops endpoints (and check tokens)
+    app.include_router(ops.router, dependencies=guard)  # describe them, security included
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=guard if settings.metrics_auth else [])
     if settings.cors_origins:
