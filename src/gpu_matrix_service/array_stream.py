@@ -21,8 +21,6 @@ from collections.abc import Callable
 from typing import Final
 
 import numpy as np
-
-# zlib-ng: the same API as zlib, with SIMD CRC-32 (about 4x zlib's) and a faster inflate.
 from zlib_ng import zlib_ng as zlib
 
 from gpu_matrix_service.arrays import (
@@ -38,13 +36,16 @@ from gpu_matrix_service.arrays import (
     parse_npy_header,
 )
 from gpu_matrix_service.errors import BadArrayInput, PayloadTooLarge
+from gpu_matrix_service.zip_records import (
+    DEFLATED,
+    LOCAL_HEADER,
+    LOCAL_SIGNATURE,
+    STORED,
+    TRAILER_SIGNATURES,
+    decode_in_one_piece,
+    zip64_sizes,
+)
 
-LOCAL_HEADER: Final = struct.Struct("<4sHHHHHIIIHH")
-LOCAL_SIGNATURE: Final = b"PK\x03\x04"
-# Records after the members: central directory, zip64 end records, end of central directory.
-TRAILER_SIGNATURES: Final = (b"PK\x01\x02", b"PK\x06\x06", b"PK\x06\x07", b"PK\x05\x06")
-ZIP64_EXTRA_ID: Final = 0x0001
-STORED, DEFLATED = 0, 8
 # Inflate at most this much per call, so a bomb never gets ahead of the size checks.
 INFLATE_STEP: Final = 4 * 1024 * 1024
 # finish() work beyond this many bytes goes to a worker thread (Upload.operands).
@@ -276,7 +277,7 @@ class NpzStream:
                 )
             self.needs_whole_file = True  # the caller decodes the whole file instead
             return data
-        packed, size = _zip64_sizes(raw[name_len:], packed, size)
+        packed, size = zip64_sizes(raw[name_len:], packed, size)
         self._start_member(raw[:name_len].decode("utf-8", "replace"), flags, method, crc,
                            packed, size)  # fmt: skip
         return data
@@ -338,22 +339,6 @@ class NpzStream:
         )
 
 
-def _zip64_sizes(extra: bytes, packed: int, size: int) -> tuple[int, int]:
-    """Sizes from the zip64 extra field where the 32-bit fields say 0xFFFFFFFF."""
-    position = 0
-    while position + 4 <= len(extra):
-        tag, length = struct.unpack_from("<HH", extra, position)
-        body = extra[position + 4 : position + 4 + length]
-        if tag == ZIP64_EXTRA_ID:
-            values = [v for (v,) in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
-            if size == 0xFFFFFFFF and values:
-                size = values.pop(0)
-            if packed == 0xFFFFFFFF and values:
-                packed = values.pop(0)
-        position += 4 + length
-    return packed, size
-
-
 class ArrayStream:
     """One uploaded file: ``.npy`` or ``.npz``, decoded while it arrives.
 
@@ -375,10 +360,40 @@ class ArrayStream:
         self._stream: NpyStream | NpzStream | None = None
         self._whole: bytearray | None = None  # kept when streaming is not possible
         self._replay = bytearray()  # an .npz's bytes until its first member's data starts
+        # The first piece is held until it is known whether more follow: a file that came
+        # whole is read in a few steps (zip_records.decode_in_one_piece) when it ends.
+        self._held: memoryview | None = None
+        self._started = False
+        self._in_one_piece: np.ndarray | None = None
         self.size = 0
 
     def feed(self, data: memoryview) -> None:
-        """Take the next chunk of the upload."""
+        """Take the next chunk of the upload. Its bytes must not change until the next call
+        (the first chunk may be kept as a view until then)."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._consume(held)
+        elif not self._started:
+            self._started = True
+            self._held = data
+            return
+        self._consume(data)
+
+    def end(self) -> None:
+        """No more bytes come. A file that came in one piece in numpy's own layout is decoded
+        now, in a few steps; anything else goes through the stream as usual."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        array = decode_in_one_piece(held, name=self.name, limits=self.limits,
+                                    allocate=self.allocate)  # fmt: skip
+        if array is None:
+            self._consume(held)
+        else:
+            self.size += len(held)
+            self._in_one_piece = array
+
+    def _consume(self, data: memoryview) -> None:
         self.size += len(data)
         if self._whole is not None:
             self._whole += data
@@ -414,7 +429,11 @@ class ArrayStream:
     def heavy_finish(self) -> bool:
         """Whether :meth:`finish` has more work than an event loop should hold: any
         whole-file decode (sizes in data descriptors: a few compressed bytes can inflate to
-        the array limit), or a byte swap or reorder of more than ``HEAVY_FINISH_BYTES``."""
+        the array limit), or a byte swap or reorder of more than ``HEAVY_FINISH_BYTES``.
+        Ends the input (:meth:`end`)."""
+        self.end()
+        if self._in_one_piece is not None:
+            return False
         if self._stream is None:
             return True
         return self._stream.finish_bytes() > HEAVY_FINISH_BYTES
@@ -427,7 +446,10 @@ class ArrayStream:
         return None  # garbage or an odd zip: the whole-file decoder says what is wrong
 
     def finish(self) -> np.ndarray:
-        """The decoded array."""
+        """The decoded array (ends the input first)."""
+        self.end()
+        if self._in_one_piece is not None:
+            return self._in_one_piece
         if self._stream is None:
             whole = self._whole if self._whole is not None else self._sniff
             return decode_array(whole, name=self.name, limits=self.limits, allocate=self.allocate)

@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, NamedTuple
 
 import numpy as np
 
@@ -65,8 +65,7 @@ class ArrayLimits:
     verify_stored_crc: bool = True
 
 
-@dataclass(frozen=True)
-class NpyHeader:
+class NpyHeader(NamedTuple):  # a tuple: built on every upload, a frozen dataclass costs 3x
     """A parsed ``.npy`` header: the array's dtype and shape, and where its data starts."""
 
     dtype: np.dtype
@@ -111,7 +110,7 @@ def parse_npy_header(prefix: bytes | memoryview, *, name: str, limits: ArrayLimi
 
     ``prefix`` must hold at least the whole header (its length is in the first 12 bytes).
     """
-    prefix = bytes(prefix[: 12 + MAX_HEADER_BYTES])
+    whole, prefix = prefix, bytes(prefix[:12])  # the header itself is copied below
     if len(prefix) < 10 or prefix[:6] != NPY_MAGIC:
         raise BadArrayInput(f"{name} is not a .npy file (bad magic or too short)")
     major = prefix[6]
@@ -127,18 +126,35 @@ def parse_npy_header(prefix: bytes | memoryview, *, name: str, limits: ArrayLimi
         raise BadArrayInput(f"{name}: unsupported .npy format version {major}.{prefix[7]}")
     if header_len > MAX_HEADER_BYTES:
         raise BadArrayInput(f"{name}: .npy header of {header_len} bytes is too long")
-    raw = prefix[start : start + header_len]
+    raw = bytes(whole[start : start + header_len])
     if len(raw) < header_len:
         raise BadArrayInput(f"{name}: truncated .npy header")
+    known = _KNOWN_HEADERS.get((raw, encoding))
+    if known is None:
+        known = _header_fields(raw, encoding, name)
+        if len(_KNOWN_HEADERS) < MAX_KNOWN_HEADERS:
+            _KNOWN_HEADERS[raw, encoding] = known
+    header = NpyHeader(*known, start + header_len)
+    check_limits(header, name=name, limits=limits)
+    return header
+
+
+# Headers already parsed, and what they said: clients send many arrays of one shape and dtype,
+# and parsing one costs about 15 us. Only valid headers are kept; once this many are, no more
+# (a client sending endless new shapes just parses them each time).
+MAX_KNOWN_HEADERS: Final = 1024
+_KNOWN_HEADERS: dict[tuple[bytes, str], tuple[np.dtype, tuple[int, ...], bool]] = {}
+
+
+def _header_fields(raw: bytes, encoding: str, name: str) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """Dtype, shape and Fortran order from a header's dictionary text, checked."""
     fields = _literal_header(raw, encoding, name)
     dtype = _header_dtype(fields.get("descr"), name)
     shape = _header_shape(fields.get("shape"), name)
     fortran = fields.get("fortran_order")
     if not isinstance(fortran, bool):
         raise BadArrayInput(f"{name}: .npy header has no valid 'fortran_order'")
-    header = NpyHeader(dtype, shape, fortran, start + header_len)
-    check_limits(header, name=name, limits=limits)
-    return header
+    return dtype, shape, fortran
 
 
 # The header numpy.save writes for a plain dtype, read without the (slower) literal_eval:
@@ -201,7 +217,7 @@ def check_limits(header: NpyHeader, *, name: str, limits: ArrayLimits) -> None:
     elements = math.prod(header.shape)
     # With a zero among them the other dimensions could be anything: bound them too, or an
     # empty array of shape (0, 2**63) would reach numpy (which cannot even describe it).
-    extent = math.prod(dim for dim in header.shape if dim)
+    extent = elements or math.prod(dim for dim in header.shape if dim)
     if elements > limits.max_elements or extent > limits.max_elements:
         raise PayloadTooLarge(
             f"{name} has {elements} elements {list(header.shape)}; the limit is "

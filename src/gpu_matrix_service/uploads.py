@@ -151,6 +151,7 @@ class MultipartSplitter:
         self.body_bytes = body_bytes  # the most the body can be: Content-Length or the cap
         self.max_files = max_files
         self.parts: list[Part] = []
+        self._files = 0  # file parts among them
         self._state = _State.DATA
         self._current: Part | None = None  # None in the preamble
         # The body starts with "--boundary", which is the delimiter without its CRLF.
@@ -211,16 +212,22 @@ class MultipartSplitter:
         return len(chunk)
 
     def _end_part(self) -> None:
+        if self._current is not None and self._current.stream is not None:
+            self._current.stream.end()
         self._current = None
         self._state = _State.AFTER_DELIMITER
 
     def _after_delimiter(self, chunk: bytes, position: int) -> int:
-        need = 2 - len(self._pending)
-        self._pending += chunk[position : position + need]
-        position += need
-        if len(self._pending) < 2:
-            return len(chunk)
-        marker, self._pending = bytes(self._pending), bytearray()
+        if not self._pending and len(chunk) - position >= 2:  # the usual case: both bytes here
+            marker = chunk[position : position + 2]
+            position += 2
+        else:
+            need = 2 - len(self._pending)
+            self._pending += chunk[position : position + need]
+            position += need
+            if len(self._pending) < 2:
+                return len(chunk)
+            marker, self._pending = bytes(self._pending), bytearray()
         if marker == b"--":
             self._state = _State.EPILOGUE
         elif marker == b"\r\n":
@@ -230,6 +237,11 @@ class MultipartSplitter:
         return position
 
     def _feed_headers(self, chunk: bytes, position: int) -> int:
+        if not self._pending:  # the usual case: the whole block is in this chunk, read it there
+            end = chunk.find(b"\r\n\r\n", position, position + MAX_HEADER_BYTES)
+            if end != -1:
+                self._start_part(chunk[position:end])
+                return end + 4
         before = len(self._pending)
         # Header blocks are small: look in the next few KiB only, never copy a whole chunk.
         self._pending += chunk[position : position + MAX_HEADER_BYTES]
@@ -253,13 +265,13 @@ class MultipartSplitter:
         name, filename = _form_data_names(headers.get("content-disposition"))
         part = Part(name=name, filename=filename, content_type=headers.get("content-type"))
         if part.is_file:
-            files = sum(1 for other in self.parts if other.is_file)
-            if files >= self.max_files:
+            if self._files >= self.max_files:
                 # Refused before a decoder (and its memory) exists for it.
                 raise BadRequest(
                     f"expected exactly {self.max_files} uploaded files (fields file_a and "
-                    f"file_b), got {files + 1} or more"
+                    f"file_b), got {self._files + 1} or more"
                 )
+            self._files += 1
             part.stream = self.open_file(part.name, self.body_bytes)
         self.parts.append(part)
         self._current = part

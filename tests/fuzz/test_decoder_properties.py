@@ -33,6 +33,7 @@ from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.errors import BadArrayInput, PayloadTooLarge, ServiceError
 from gpu_matrix_service.uploads import MAX_PARTS, MAX_TEXT_FIELD_BYTES, Upload, read_multipart
+from gpu_matrix_service.zip_records import decode_in_one_piece
 
 MiB = 1024 * 1024
 LIMITS = ArrayLimits(max_bytes=1 * MiB, max_elements=2**18, max_dims=8)
@@ -473,6 +474,41 @@ def test_array_stream_decodes_mutated_files_as_decode_array_does_or_refuses_them
     if streamed is not None and whole is not None:
         assert streamed.dtype == whole.dtype and streamed.shape == whole.shape
         assert streamed.tobytes() == whole.tobytes()
+
+
+# --- the one-piece path: it declines, or agrees with the stream ------------------------------
+
+
+def in_one_piece(data: bytes) -> np.ndarray | None:
+    note(f"input: {data!r}")
+    return decode_in_one_piece(memoryview(data), name="file_a", limits=LIMITS, allocate=np.empty)
+
+
+@settings(FUZZ, max_examples=150)
+@given(array_files(STREAMABLE))
+def test_one_piece_path_decodes_valid_files_as_the_stream_does_or_declines(file):
+    data, array = file
+    got = in_one_piece(data)
+    if got is not None:
+        assert_same_array(got, array)
+
+
+@settings(FUZZ, max_examples=500)
+@given(
+    st.one_of(
+        mutated_array_files(),
+        rewritten_npy(),
+        array_files().flatmap(lambda file: rewritten_zip(file[0])),
+    )
+)
+def test_one_piece_path_accepts_only_what_the_stream_accepts_and_agrees_with_it(data):
+    got = in_one_piece(data)
+    if got is None:
+        return
+    streamed = decode_streamed([data[:1], data[1:]])  # two pieces: the stream's own way
+    assert streamed is not None, "the one-piece path accepted a file the stream refuses"
+    assert got.dtype == streamed.dtype and got.shape == streamed.shape
+    assert got.tobytes() == streamed.tobytes()
 
 
 # --- memory ---------------------------------------------------------------------------------

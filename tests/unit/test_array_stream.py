@@ -13,6 +13,7 @@ from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.errors import BadArrayInput, BadRequest, PayloadTooLarge, ServiceError
 from gpu_matrix_service.uploads import read_multipart
+from gpu_matrix_service.zip_records import decode_in_one_piece
 
 from arrayfiles import npy_bytes, npz_bytes, npz_compressed_bytes, unseekable_npz
 
@@ -224,8 +225,14 @@ def test_a_header_declaring_more_than_the_upload_can_carry_allocates_nothing():
 
     header_only = npy_bytes(np.zeros((1000, 1000)))[:128]  # declares 8 MB, sends 128 bytes
     stream = ArrayStream("file_a", LIMITS, allocate, most_bytes=4096)
+    stream.feed(memoryview(header_only))  # a first piece is held until more come or it ends
     with pytest.raises(PayloadTooLarge, match="more than the 4096 its upload can carry"):
-        stream.feed(memoryview(header_only))
+        stream.feed(memoryview(b"more"))
+    assert allocations == []
+    stream = ArrayStream("file_a", LIMITS, allocate, most_bytes=4096)
+    stream.feed(memoryview(header_only))
+    with pytest.raises(PayloadTooLarge, match="more than the 4096 its upload can carry"):
+        stream.end()
     assert allocations == []
 
 
@@ -267,3 +274,47 @@ def test_bzip2_members_are_refused_while_streaming(rng):
         archive.writestr("arr_0.npy", npy_bytes(rng.standard_normal(5)))
     with pytest.raises(BadArrayInput, match="compression method 12 is not supported"):
         stream_decode(buffer.getvalue(), 100)
+
+
+def test_files_in_numpys_own_layout_take_the_one_piece_path(rng):
+    a = rng.standard_normal((33, 17)).astype(np.float32)
+    for data in (npy_bytes(a), npz_bytes(a), npz_bytes(matrix=a), npz_compressed_bytes(m=a)):
+        got = decode_in_one_piece(memoryview(data), name="f", limits=LIMITS, allocate=np.empty)
+        assert got is not None
+        np.testing.assert_array_equal(got, a)
+
+
+def test_the_one_piece_path_leaves_other_layouts_and_any_fault_to_the_stream(rng):
+    a = rng.standard_normal((20, 20))
+    corrupt = bytearray(npz_bytes(a))
+    corrupt[-200] ^= 0xFF  # inside the array data: the stored member's CRC-32 no longer matches
+    declined = {
+        "fortran": npy_bytes(np.asfortranarray(a)),
+        "big-endian": npy_bytes(a.astype(">f8")),
+        "several members": npz_bytes(a, a + 1),
+        "data descriptors": unseekable_npz(only=a),
+        "bad CRC": bytes(corrupt),
+        "truncated": npy_bytes(a)[:-1],
+        "garbage": b"not an array file at all",
+    }
+    for label, data in declined.items():
+        got = decode_in_one_piece(memoryview(data), name="f", limits=LIMITS, allocate=np.empty)
+        assert got is None, label
+    with pytest.raises(BadArrayInput, match="corrupt"):  # and the stream words the error
+        stream_decode(bytes(corrupt), 1 << 20)
+
+
+def test_an_upload_arriving_whole_is_decoded_in_one_piece_into_the_allocators_array(rng):
+    given = []
+
+    def allocate(shape, dtype):
+        given.append(np.full(shape, -1, dtype))
+        return given[-1]
+
+    a = rng.standard_normal((64, 64)).astype(np.float32)
+    stream = ArrayStream("file_a", LIMITS, allocate)
+    stream.feed(memoryview(npz_bytes(a)))
+    assert not stream.heavy_finish
+    out = stream.finish()
+    assert out is given[-1] and len(given) == 1
+    np.testing.assert_array_equal(out, a)
