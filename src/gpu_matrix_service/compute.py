@@ -117,7 +117,8 @@ class ComputeService:
         future.add_done_callback(lambda _: ticket.release())
         timeout = self.settings.compute_timeout_seconds
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            async with asyncio.timeout(timeout):  # no extra task, unlike wait_for (3.11)
+                return await asyncio.wrap_future(future)
         except TimeoutError:
             raise ComputeTimeout(
                 f"{op.name} did not finish within {timeout:g} s (GMS_COMPUTE_TIMEOUT_SECONDS)"
