@@ -2,7 +2,7 @@
 # One GPU-machine session: build the CUDA library, run every GPU test, benchmark compute and
 # HTTP, smoke-test a served instance, run doctor. Logs and JSON are gathered in one archive,
 # $OUT/gpu-session.tgz ($OUT defaults to ./gpu-out).
-#   ../shared/gpu-machine/wheels.sh fastapi uvicorn python-multipart pydantic-settings httptools zlib-ng "numpy==2.3.5"
+#   ../shared/gpu-machine/wheels.sh fastapi uvicorn python-multipart pydantic-settings httptools zlib-ng orjson "numpy==2.3.5"
 #   then on the GPU machine, from the repository root: scripts/gpu_session.sh [steps...]
 # Steps (default all): install build tests bench-compute bench-http smoke doctor
 set -uo pipefail
