@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 # this many bytes, and for matmul at most this many multiply-adds.
 TINY_BYTES = 512 * 1024
 TINY_MATMUL_MACS = 1 << 22
+# Tiny work that held the loop longer than this (a GPU shared with other processes, a CPU
+# starved) stops running there for INLINE_PAUSE_SECONDS: worker threads take it meanwhile.
+INLINE_BUDGET_SECONDS = 0.002
+INLINE_PAUSE_SECONDS = 1.0
 
 
 def is_tiny(op: Op, a: np.ndarray, b: np.ndarray) -> bool:
@@ -81,6 +85,7 @@ class ComputeService:
         )
         self.admission = Admission(settings.compute_threads + settings.max_queued)
         self._running: set[Future[Result]] = set()
+        self._inline_paused_until = 0.0  # time.monotonic() seconds
 
     @contextmanager
     def admit(self) -> Iterator[Ticket]:
@@ -100,16 +105,19 @@ class ComputeService:
     async def compute(
         self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions, ticket: Ticket
     ) -> Result:
-        """Compute ``op(a, b)`` on a worker thread, keeping ``ticket`` until it is done.
+        """Compute ``op(a, b)`` on a worker thread, keeping ``ticket`` until it is done;
+        tiny work on an idle device is computed at once, on the calling (event loop) thread.
 
         :class:`ComputeTimeout` (504) when waiting and computing take longer than
         ``compute_timeout_seconds``.
         """
-        if self.backend.device_kind == "CPU" and is_tiny(op, a, b):
-            # A thread hop costs more than the work (about 0.1-0.6 ms); the loop is held for
-            # well under a millisecond. Never on a GPU backend: a device busy with another
-            # request's matmul would hold the loop.
-            return self.run_arrays(op, a, b, options)
+        if is_tiny(op, a, b) and time.monotonic() >= self._inline_paused_until:
+            # A hop to a worker thread and back costs more than tiny work: 0.1-0.3 ms, more
+            # while the worker's Python waits for the GIL the loop holds. On a GPU only when
+            # a device has nothing in flight: one busy with a matmul would hold the loop.
+            result = self._run_inline(op, a, b, options)
+            if result is not None:
+                return result
         future = self._executor.submit(self.run_arrays, op, a, b, options)
         ticket.handed_to_worker = True
         self._running.add(future)
@@ -139,6 +147,27 @@ class ComputeService:
 
     def run_arrays(self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions) -> Result:
         """Check ``a`` and ``b`` for ``op``, promote them, and compute on the best backend."""
+        result = self._run_checked(op, a, b, options, only_if_idle=False)
+        assert result is not None  # None only for only_if_idle
+        return result
+
+    def _run_inline(
+        self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions
+    ) -> Result | None:
+        """:meth:`run_arrays` if a device is idle (None if not); pauses inline work when it
+        held the caller longer than ``INLINE_BUDGET_SECONDS``."""
+        start = time.monotonic()
+        try:
+            return self._run_checked(op, a, b, options, only_if_idle=True)
+        finally:
+            if (held := time.monotonic() - start) > INLINE_BUDGET_SECONDS:
+                self._inline_paused_until = time.monotonic() + INLINE_PAUSE_SECONDS
+                log.info("tiny %s held the event loop %.1f ms; worker threads take tiny work "
+                         "for %g s", op.name, held * 1e3, INLINE_PAUSE_SECONDS)  # fmt: skip
+
+    def _run_checked(
+        self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions, *, only_if_idle: bool
+    ) -> Result | None:
         checked = plan(op, a, b)
         self._check_matmul_work(op, a, b, checked.dtype)
         elements = math.prod(checked.shape)
@@ -155,6 +184,8 @@ class ComputeService:
             # Nothing for a device to do, or a dtype its kernels lack: NumPy answers.
             backend = self.cpu
         try:
+            if only_if_idle:
+                return backend.run_if_idle(op, a, b, options)
             return backend.run(op, a, b, options)
         except DeviceOutOfMemory:
             if self.settings.fallback != "cpu" or backend is self.cpu:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from gpu_matrix_service import compute
 from gpu_matrix_service.app import create_app
 from gpu_matrix_service.auth import token_accepted
 from gpu_matrix_service.backends.cpu import CpuBackend
@@ -199,22 +201,71 @@ def test_fifty_bad_requests_leave_no_place_taken():
         assert client.post("/add", files=two_files()).status_code == 200
 
 
-def test_tiny_work_on_a_gpu_backend_runs_on_a_worker_thread_not_the_event_loop():
-    class GatedGpu(GatedBackend):
+TINY = {"a": ("a.npz", npz_bytes(np.ones((2, 2)))), "b": ("b.npz", npz_bytes(np.ones((2, 2))))}
+
+
+def test_tiny_work_on_a_busy_gpu_runs_on_a_worker_thread_not_the_event_loop():
+    class BusyGatedGpu(GatedBackend):
         device_kind = "GPU"
 
-    backend = GatedGpu()
+        def run_if_idle(self, op, a, b, options):
+            return None  # every device has another request's matmul in flight
+
+    backend = BusyGatedGpu()
     settings = Settings(backend="cpu", _env_file=None)
-    tiny = {"a": ("a.npz", npz_bytes(np.ones((2, 2)))), "b": ("b.npz", npz_bytes(np.ones((2, 2))))}
 
     async def scenario(http: httpx.AsyncClient) -> None:
-        compute = asyncio.create_task(http.post("/add", files=tiny))
+        compute = asyncio.create_task(http.post("/add", files=TINY))
         await asyncio.to_thread(backend.running.acquire, True, 10)
         assert (await http.get("/health/live")).status_code == 200  # the loop is free
         backend.gate.set()
-        assert (await compute).status_code == 200
+        response = await compute
+        assert response.status_code == 200 and response.json()["matrix_shape"] == [2, 2]
 
     _serve(settings, backend, scenario)
+
+
+class ThreadRecordingGpu(CpuBackend):
+    """A GPU backend posing as idle, recording which thread computed each request."""
+
+    device_kind = "GPU"
+
+    def __init__(self, first_inline_seconds: float = 0.0) -> None:
+        super().__init__()
+        self.first_inline_seconds = first_inline_seconds
+        self.threads: list[tuple[str, str]] = []
+
+    def run(self, op, a, b, options):
+        self.threads.append(("run", threading.current_thread().name))
+        return super().run(op, a, b, options)
+
+    def run_if_idle(self, op, a, b, options):
+        self.threads.append(("run_if_idle", threading.current_thread().name))
+        if len(self.threads) == 1:
+            time.sleep(self.first_inline_seconds)
+        return super().run(op, a, b, options)
+
+
+def test_tiny_work_on_an_idle_gpu_is_computed_on_the_event_loop_thread(monkeypatch):
+    monkeypatch.setattr(compute, "INLINE_BUDGET_SECONDS", 10.0)  # a slow CI machine's hiccup
+    backend = ThreadRecordingGpu()
+    with TestClient(create_app(Settings(backend="cpu", _env_file=None), backend)) as client:
+        loop_thread = client.portal.call(lambda: threading.current_thread().name)
+        for _ in range(2):
+            response = client.post("/add?result=json", files=TINY)
+            assert response.status_code == 200 and response.json()["result"] == [[2, 2], [2, 2]]
+    assert backend.threads == [("run_if_idle", loop_thread)] * 2
+
+
+def test_tiny_work_that_held_the_loop_too_long_goes_to_worker_threads_for_a_while():
+    backend = ThreadRecordingGpu(first_inline_seconds=2 * compute.INLINE_BUDGET_SECONDS)
+    with TestClient(create_app(Settings(backend="cpu", _env_file=None), backend)) as client:
+        for _ in range(3):
+            assert client.post("/add", files=TINY).status_code == 200
+    (first, _), *later = backend.threads
+    assert first == "run_if_idle"
+    assert [kind for kind, _ in later] == ["run", "run"]
+    assert all(thread.startswith("gms-compute") for _, thread in later)
 
 
 def test_tokens_that_are_only_commas_and_metrics_auth_without_tokens_are_refused():

@@ -213,6 +213,39 @@ def test_concurrent_requests_from_threads(backend):
         assert len(devices_used) > 1  # the least busy device is not always the first
 
 
+def test_run_if_idle_computes_on_an_idle_gpu_and_declines_while_every_gpu_is_busy(
+    backend, rng, monkeypatch
+):
+    a, b = random_array(rng, (64, 64), np.float32), random_array(rng, (64, 64), np.float32)
+    idle = backend.run_if_idle(OPS["add"], a, b, RunOptions())
+    assert idle is not None and idle.device == "GPU"
+    np.testing.assert_array_equal(idle.array, a + b)
+
+    started, release = threading.Semaphore(0), threading.Event()
+    matmul = backend._matmul
+
+    def held(*args):
+        started.release()
+        assert release.wait(20)
+        return matmul(*args)
+
+    monkeypatch.setattr(backend, "_matmul", held)
+    with ThreadPoolExecutor(len(backend.devices())) as pool:
+        busy = [pool.submit(backend.run, OPS["matmul"], a, b, RunOptions())
+                for _ in backend.devices()]  # fmt: skip
+        for _ in busy:  # a matmul in flight on every GPU
+            assert started.acquire(timeout=20)
+        try:
+            assert backend.run_if_idle(OPS["add"], a, b, RunOptions()) is None
+        finally:
+            release.set()
+        for future in busy:
+            np.testing.assert_allclose(future.result().array, a @ b, rtol=1e-4, atol=1e-2)
+    again = backend.run_if_idle(OPS["subtract"], a, b, RunOptions())
+    assert again is not None
+    np.testing.assert_array_equal(again.array, a - b)
+
+
 @pytest.fixture
 def one_gpu_backend():
     """GPU 0 alone: its pool's cache is then the whole of ``memory_usage``."""

@@ -63,7 +63,7 @@ class Backend(Protocol):
     promoted to the result dtype; it returns a :class:`Result` or raises a
     :class:`gpu_matrix_service.errors.ServiceError` (``DeviceOutOfMemory``, ``BackendFailure``,
     ``UnsupportedDType`` for a dtype this backend cannot compute). It is called from worker
-    threads, several at once, and must be thread-safe.
+    threads, several at once, and must be thread-safe; ``run_if_idle`` from the event loop.
     """
 
     name: str
@@ -83,6 +83,14 @@ class Backend(Protocol):
 
     def run(self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions) -> Result:
         """Compute ``op(a, b)``; ``a`` and ``b`` already share the result dtype."""
+        ...
+
+    def run_if_idle(
+        self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions
+    ) -> Result | None:
+        """``run`` on the calling thread, but only on a device with nothing in flight; None
+        when every device is busy. The service calls it on the event loop for tiny operands,
+        so it must never wait behind another request's work."""
         ...
 
     def close(self) -> None:

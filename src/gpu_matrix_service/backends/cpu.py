@@ -46,5 +46,11 @@ class CpuBackend:
             timings={"compute": elapsed, "total": elapsed},
         )
 
+    def run_if_idle(
+        self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions
+    ) -> Result | None:
+        """:meth:`run`: NumPy never waits for another request."""
+        return self.run(op, a, b, options)
+
     def close(self) -> None:
         """Nothing to release."""

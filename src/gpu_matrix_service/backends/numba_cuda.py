@@ -251,9 +251,24 @@ class NumbaBackend:
         and ``d2h`` are device time spent in each phase (they overlap when a large elementwise
         op is pipelined, so their sum can exceed ``total``); ``total`` is the wall time from the
         first copy issued to the result on the host."""
+        self._check_dtype(op, a, b)
+        gpu = self._acquire()
+        assert gpu is not None  # None only for idle_only
+        return self._run_counted(gpu, op, a, b)
+
+    def run_if_idle(
+        self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions
+    ) -> Result | None:
+        """:meth:`run` on a GPU with no request in flight, or None when every one is busy."""
+        self._check_dtype(op, a, b)
+        gpu = self._acquire(idle_only=True)
+        return None if gpu is None else self._run_counted(gpu, op, a, b)
+
+    def _check_dtype(self, op: Op, a: np.ndarray, b: np.ndarray) -> None:
         if not self.supports(op, a.dtype) or a.dtype != b.dtype:
             raise UnsupportedDType(f"the numba backend does not compute {op.name} on {a.dtype}")
-        gpu = self._acquire()
+
+    def _run_counted(self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray) -> Result:
         try:
             with cuda.gpus[gpu.ordinal]:
                 return self._run_on(gpu, op, a, b)
@@ -271,12 +286,18 @@ class NumbaBackend:
 
     # -- device choice and error mapping ------------------------------------------------------
 
-    def _acquire(self) -> _Gpu:
-        """The least busy device, marked busy until the request ends."""
+    def _acquire(self, idle_only: bool = False) -> _Gpu | None:
+        """The least busy device (with ``idle_only``, of those with nothing in flight, else
+        None), marked busy until the request ends."""
         with self._lock:
             if self._closed:
                 raise BackendFailure("the numba backend is shut down")
-            gpu = least_busy_device(self._gpus)
+            candidates = self._gpus
+            if idle_only:
+                candidates = [g for g in candidates if g.in_flight == 0]
+                if not candidates:
+                    return None
+            gpu = least_busy_device(candidates)
             gpu.in_flight += 1
             gpu.served += 1
         return gpu

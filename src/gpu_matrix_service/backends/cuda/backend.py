@@ -176,9 +176,28 @@ class CudaBackend:
     def run(self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions) -> Result:
         """``op(a, b)`` on the least busy GPU; timings ``h2d``, ``kernel``, ``d2h``, ``total``
         in seconds (phases overlap, so they may add up to more than ``total``)."""
+        self._check_dtype(op, a, b)
+        device = self._take_device()
+        assert device is not None  # None only for idle_only
+        return self._run_on(device, op, a, b, options)
+
+    def run_if_idle(
+        self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions
+    ) -> Result | None:
+        """:meth:`run` on a GPU with no request in flight, or None when every one is busy.
+        A device's requests run one at a time (its context's lock), so a busy one could
+        keep the caller waiting for a whole matmul."""
+        self._check_dtype(op, a, b)
+        device = self._take_device(idle_only=True)
+        return None if device is None else self._run_on(device, op, a, b, options)
+
+    def _check_dtype(self, op: Op, a: np.ndarray, b: np.ndarray) -> None:
         if not (self.supports(op, a.dtype) and a.dtype == b.dtype):
             raise UnsupportedDType(f"the cuda backend does not compute {op.name} over {a.dtype}")
-        device = self._take_device()
+
+    def _run_on(
+        self, device: GpuDevice, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions
+    ) -> Result:
         try:
             if op.elementwise:
                 return self._retry_after_trim(device, lambda: self._elementwise(device, op, a, b))
@@ -187,11 +206,18 @@ class CudaBackend:
             with self._lock:
                 device.in_flight -= 1
 
-    def _take_device(self) -> GpuDevice:
+    def _take_device(self, idle_only: bool = False) -> GpuDevice | None:
+        """The least busy device (with ``idle_only``, of those with nothing in flight, else
+        None), counted in flight until the caller's request ends."""
         with self._lock:
             if not self._devices:
                 raise BackendFailure("the cuda backend is closed")
-            device = least_busy_device(self._devices)
+            candidates = self._devices
+            if idle_only:
+                candidates = [d for d in candidates if d.in_flight == 0]
+                if not candidates:
+                    return None
+            device = least_busy_device(candidates)
             device.in_flight += 1
             device.served += 1
         return device
