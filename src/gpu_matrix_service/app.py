@@ -17,6 +17,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.telemetry import TelemetryConfig
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -68,6 +69,14 @@ class RequestMetricsMiddleware:
             )
 
 
+def telemetry_config(enabled: bool) -> TelemetryConfig:
+    """FastAPI's native OpenTelemetry: its defaults when ``enabled``, else all of it off, so
+    requests skip the check of the global providers (``GMS_OPENTELEMETRY``)."""
+    if enabled:
+        return {}
+    return {"tracing": False, "metrics": False, "logs": False}
+
+
 def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
     """Build the service. ``backend`` replaces the one ``settings.backend`` would select."""
     settings = settings or Settings()
@@ -103,12 +112,15 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         summary="Matrix operations on the GPU over HTTP: upload two .npz/.npy arrays, get the "
         "result's shape and timing, or the result itself.",
         lifespan=lifespan,
+        telemetry=telemetry_config(settings.opentelemetry),
     )
     app.state.settings = settings
     app.state.metrics = service_metrics
     # Without tokens there is nothing to check: no dependency at all keeps small requests fast.
     guard = [Depends(require_token)] if settings.api_tokens else []
-    app.router.routes.extend(ops.dispatch_routes())  # serve the ops endpoints (and check tokens)
+    # First in the list, so requests to them match at once; they serve the ops endpoints (and
+    # check tokens).
+    app.router.routes[:0] = ops.dispatch_routes()
     app.include_router(ops.router, dependencies=guard)  # describe them, security included
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=guard if settings.metrics_auth else [])

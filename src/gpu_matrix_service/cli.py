@@ -156,6 +156,9 @@ def serve(
     ) = None,
     metrics_auth: _opt(bool, "GMS_METRICS_AUTH", "Require a token on /metrics too.") = None,
     cors_origins: _opt(str, "GMS_CORS_ORIGINS", "CORS origins, comma-separated.") = None,
+    opentelemetry: _opt(
+        bool, "GMS_OPENTELEMETRY", "FastAPI's OpenTelemetry (needs a provider)."
+    ) = None,
     metrics_dir: _opt(Path, "GMS_METRICS_DIR", "Multiprocess metrics directory.") = None,
     instance: _opt(str, "GMS_INSTANCE", "Instance name for metrics.") = None,
     engine: Annotated[

@@ -200,3 +200,18 @@ def test_readiness_is_503_naming_a_blocking_gpu_problem(client, monkeypatch):
     assert body["status"] == "unready"
     assert [c["name"] for c in body["failing"]] == ["uncorrectable ECC errors"]
     assert client.get("/health/live").status_code == 200
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_fastapi_opentelemetry_looks_for_providers_only_when_enabled(rng, monkeypatch, enabled):
+    from opentelemetry import trace
+
+    looked = []
+    real = trace.get_tracer_provider
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: looked.append(1) or real())
+    settings = Settings(backend="cpu", opentelemetry=enabled, _env_file=None)
+    with TestClient(create_app(settings)) as client:
+        looked.clear()  # start-up may look too
+        assert client.post("/add", files=two_files(rng)).status_code == 200
+        assert client.get("/health").json()["status"] == "ok"
+    assert bool(looked) is enabled

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 
+from gpu_matrix_service.app import telemetry_config
+
 
 def create_floor_app() -> FastAPI:
     """A FastAPI app whose ``POST /add`` reads the whole body, keeps nothing, answers its size."""
-    app = FastAPI(title="receive-only floor")
+    # FastAPI configured as the service is by default (GMS_OPENTELEMETRY off): the same stack.
+    app = FastAPI(title="receive-only floor", telemetry=telemetry_config(False))
 
     @app.post("/add")
     @app.post("/v1/ops/{op}")
