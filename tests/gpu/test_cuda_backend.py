@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import math
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -254,6 +255,37 @@ def one_gpu_backend():
     cuda = CudaBackend(Settings(_env_file=None, backend="cuda", devices="0"))
     yield cuda
     cuda.close()
+
+
+def test_a_request_that_takes_the_gpu_during_run_if_idle_waits_for_it(
+    one_gpu_backend, rng, monkeypatch
+):
+    backend = one_gpu_backend
+    a, b = random_array(rng, (64, 64), np.float32), random_array(rng, (64, 64), np.float32)
+    order, products = [], []
+    elementwise, matmul = backend._elementwise, backend._matmul
+    worker = threading.Thread(
+        target=lambda: products.append(backend.run(OPS["matmul"], a, b, RunOptions()).array)
+    )
+
+    def tracking_matmul(*args):
+        order.append("matmul")
+        return matmul(*args)
+
+    def tracking_add(*args):
+        order.append("tiny add")
+        worker.start()  # takes the same GPU while the tiny add holds it
+        time.sleep(0.3)  # time enough for the matmul to start, unless it waits
+        order.append("tiny add done")
+        return elementwise(*args)
+
+    monkeypatch.setattr(backend, "_elementwise", tracking_add)
+    monkeypatch.setattr(backend, "_matmul", tracking_matmul)
+    result = backend.run_if_idle(OPS["add"], a, b, RunOptions())
+    worker.join(20)
+    assert order == ["tiny add", "tiny add done", "matmul"]
+    np.testing.assert_array_equal(result.array, a + b)
+    np.testing.assert_allclose(products[0], a @ b, rtol=1e-4, atol=1e-2)
 
 
 def test_out_of_memory_raises_and_the_next_request_works(one_gpu_backend, rng, nvml_total_bytes):

@@ -172,3 +172,37 @@ def test_out_of_memory_is_device_out_of_memory_and_the_next_request_works():
     result = be.run(get_op("add"), a, b, RunOptions())
     assert math.isclose(float(result.array[-1]), 3.0) and bool((result.array == 3.0).all())
     be.close()
+
+
+def test_run_if_idle_computes_on_an_idle_gpu_and_declines_while_every_gpu_is_busy(
+    backend, monkeypatch
+):
+    a, b = operands(backend, (64, 64), np.float32, seed=3)
+    idle = backend.run_if_idle(get_op("add"), a, b, RunOptions())
+    assert idle is not None and idle.device == "GPU"
+    np.testing.assert_array_equal(idle.array, a + b)
+
+    started, release = threading.Semaphore(0), threading.Event()
+    compute = backend._compute
+
+    def held(*args):
+        started.release()
+        assert release.wait(20)
+        return compute(*args)
+
+    monkeypatch.setattr(backend, "_compute", held)
+    busy = [threading.Thread(target=backend.run, args=(get_op("add"), a, b, RunOptions()))
+            for _ in backend.devices()]  # fmt: skip
+    for thread in busy:  # a request in flight on every GPU
+        thread.start()
+        assert started.acquire(timeout=20)
+    try:
+        assert backend.run_if_idle(get_op("add"), a, b, RunOptions()) is None
+    finally:
+        release.set()
+        for thread in busy:
+            thread.join()
+    monkeypatch.setattr(backend, "_compute", compute)
+    again = backend.run_if_idle(get_op("multiply"), a, b, RunOptions())
+    assert again is not None
+    np.testing.assert_array_equal(again.array, a * b)

@@ -12,6 +12,7 @@ import gc
 import itertools
 import os
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -304,6 +305,28 @@ def test_run_if_idle_computes_on_an_idle_gpu_and_declines_while_every_gpu_is_bus
     again = be.run_if_idle(get_op("multiply"), a, b, RunOptions())
     assert again is not None
     np.testing.assert_array_equal(again.array, a * b)
+    be.close()
+
+
+def test_a_request_that_takes_the_gpu_during_run_if_idle_waits_for_it(monkeypatch):
+    be = NumbaBackend(Settings())
+    a, b = random_operands((4, 5), np.float32, seed=8)
+    order: list[str] = []
+    compute = be._compute
+    worker = threading.Thread(target=be.run, args=(get_op("add"), a, b, RunOptions()))
+
+    def tracking(*args):
+        order.append("start")
+        if len(order) == 1:  # the run on the caller's thread: a worker takes the device now
+            worker.start()
+            time.sleep(0.3)  # time enough for it to start its own work, unless it waits
+            order.append("caller done")
+        return compute(*args)
+
+    monkeypatch.setattr(be, "_compute", tracking)
+    assert be.run_if_idle(get_op("add"), a, b, RunOptions()) is not None
+    worker.join(20)
+    assert order == ["start", "caller done", "start"]
     be.close()
 
 

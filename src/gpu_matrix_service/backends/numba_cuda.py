@@ -152,6 +152,10 @@ class _Gpu:
         self.buffers = DeviceBuffers(keep)
         self.in_flight = 0
         self.served = 0
+        # Held while a request runs at once on its caller's thread (run_if_idle, the event
+        # loop): requests that take the device meanwhile wait for it before launching work
+        # that the caller's kernels would queue behind.
+        self.first = threading.Lock()
         self._tuning = tuning
         self._lanes: list[_Lane] = []
         self._lock = threading.Lock()
@@ -254,24 +258,39 @@ class NumbaBackend:
         self._check_dtype(op, a, b)
         gpu = self._acquire()
         assert gpu is not None  # None only for idle_only
-        return self._run_counted(gpu, op, a, b)
+        return self._run_counted(gpu, op, a, b, after_first=True)
 
     def run_if_idle(
         self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions
     ) -> Result | None:
-        """:meth:`run` on a GPU with no request in flight, or None when every one is busy."""
+        """:meth:`run` on a GPU with no request in flight, or None when every one is busy
+        (or on out of memory: a worker's :meth:`run` frees the cache and retries). A
+        request that takes the device meanwhile waits for this one (``_Gpu.first``)."""
         self._check_dtype(op, a, b)
         gpu = self._acquire(idle_only=True)
-        return None if gpu is None else self._run_counted(gpu, op, a, b)
+        if gpu is None:
+            return None
+        try:
+            return self._run_counted(gpu, op, a, b, retry=False)
+        except DeviceOutOfMemory:
+            return None  # freeing the cache and retrying is a worker thread's job (run)
+        finally:
+            gpu.first.release()
 
     def _check_dtype(self, op: Op, a: np.ndarray, b: np.ndarray) -> None:
         if not self.supports(op, a.dtype) or a.dtype != b.dtype:
             raise UnsupportedDType(f"the numba backend does not compute {op.name} on {a.dtype}")
 
-    def _run_counted(self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray) -> Result:
+    def _run_counted(
+        self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray,
+        *, after_first: bool = False, retry: bool = True,
+    ) -> Result:  # fmt: skip
         try:
+            if after_first:
+                with gpu.first:
+                    pass
             with cuda.gpus[gpu.ordinal]:
-                return self._run_on(gpu, op, a, b)
+                return self._run_on(gpu, op, a, b, retry)
         finally:
             with self._lock:
                 gpu.in_flight -= 1
@@ -287,8 +306,8 @@ class NumbaBackend:
     # -- device choice and error mapping ------------------------------------------------------
 
     def _acquire(self, idle_only: bool = False) -> _Gpu | None:
-        """The least busy device (with ``idle_only``, of those with nothing in flight, else
-        None), marked busy until the request ends."""
+        """The least busy device, marked busy until the request ends. With ``idle_only``, of
+        those with nothing in flight, its ``first`` lock taken; else None."""
         with self._lock:
             if self._closed:
                 raise BackendFailure("the numba backend is shut down")
@@ -298,19 +317,26 @@ class NumbaBackend:
                 if not candidates:
                     return None
             gpu = least_busy_device(candidates)
+            if idle_only and not gpu.first.acquire(blocking=False):
+                return None
             gpu.in_flight += 1
             gpu.served += 1
         return gpu
 
-    def _run_on(self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray) -> Result:
+    def _run_on(
+        self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray, retry: bool = True
+    ) -> Result:
         """:meth:`_compute`, with CUDA errors mapped; on out-of-memory the device's cache is
-        freed and the request tried once more before :class:`DeviceOutOfMemory`."""
+        freed and (with ``retry``) the request tried once more before
+        :class:`DeviceOutOfMemory`."""
         for attempt in (1, 2):
             try:
                 return self._compute(gpu, op, a, b)
             except CUDA_ERRORS as exc:
                 if not is_out_of_memory(exc):
                     raise BackendFailure(f"numba on {gpu.label}: CUDA error: {exc}") from exc
+                if not retry:
+                    raise DeviceOutOfMemory(f"{op.name} ran out of memory on {gpu.label}") from exc
                 gpu.trim()
                 if attempt == 2:
                     free, total = cuda.current_context().get_memory_info()

@@ -87,6 +87,10 @@ class GpuDevice:
     pool: DevicePool
     in_flight: int = field(default=0)
     served: int = field(default=0)
+    # Held while a request runs at once on its caller's thread (run_if_idle, the event loop):
+    # requests that take the device meanwhile wait for it before their own GPU work, so they
+    # cannot reach the context's lock first and keep the caller waiting for a matmul.
+    first: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def label(self) -> str:
@@ -179,36 +183,56 @@ class CudaBackend:
         self._check_dtype(op, a, b)
         device = self._take_device()
         assert device is not None  # None only for idle_only
-        return self._run_on(device, op, a, b, options)
+        return self._run_on(device, op, a, b, options, after_first=True)
 
     def run_if_idle(
         self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions
     ) -> Result | None:
         """:meth:`run` on a GPU with no request in flight, or None when every one is busy.
         A device's requests run one at a time (its context's lock), so a busy one could
-        keep the caller waiting for a whole matmul."""
+        keep the caller waiting for a whole matmul; one that takes the device while this
+        runs waits for it (``GpuDevice.first``). Out of memory gives None: a worker's
+        :meth:`run` frees the cache and retries."""
         self._check_dtype(op, a, b)
         device = self._take_device(idle_only=True)
-        return None if device is None else self._run_on(device, op, a, b, options)
+        if device is None:
+            return None
+        try:
+            return self._run_on(device, op, a, b, options, retry=False)
+        except DeviceOutOfMemory:
+            return None  # freeing the cache and retrying is a worker thread's job (run)
+        finally:
+            device.first.release()
 
     def _check_dtype(self, op: Op, a: np.ndarray, b: np.ndarray) -> None:
         if not (self.supports(op, a.dtype) and a.dtype == b.dtype):
             raise UnsupportedDType(f"the cuda backend does not compute {op.name} over {a.dtype}")
 
     def _run_on(
-        self, device: GpuDevice, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions
-    ) -> Result:
+        self, device: GpuDevice, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions,
+        *, after_first: bool = False, retry: bool = True,
+    ) -> Result:  # fmt: skip
+        """The request on ``device`` (already counted in flight): after the request holding
+        ``device.first`` with ``after_first``, trimming the pool and retrying once on
+        out-of-memory with ``retry``."""
         try:
-            if op.elementwise:
-                return self._retry_after_trim(device, lambda: self._elementwise(device, op, a, b))
-            return self._retry_after_trim(device, lambda: self._matmul(device, a, b, options))
+            if after_first:
+                with device.first:
+                    pass
+
+            def attempt() -> Result:
+                if op.elementwise:
+                    return self._elementwise(device, op, a, b)
+                return self._matmul(device, a, b, options)
+
+            return self._retry_after_trim(device, attempt) if retry else attempt()
         finally:
             with self._lock:
                 device.in_flight -= 1
 
     def _take_device(self, idle_only: bool = False) -> GpuDevice | None:
-        """The least busy device (with ``idle_only``, of those with nothing in flight, else
-        None), counted in flight until the caller's request ends."""
+        """The least busy device, counted in flight until the caller's request ends. With
+        ``idle_only``, of those with nothing in flight, its ``first`` lock taken; else None."""
         with self._lock:
             if not self._devices:
                 raise BackendFailure("the cuda backend is closed")
@@ -218,6 +242,8 @@ class CudaBackend:
                 if not candidates:
                     return None
             device = least_busy_device(candidates)
+            if idle_only and not device.first.acquire(blocking=False):
+                return None
             device.in_flight += 1
             device.served += 1
         return device
