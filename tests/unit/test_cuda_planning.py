@@ -8,7 +8,7 @@ import gc
 import numpy as np
 import pytest
 
-from gpu_matrix_service.backends.base import least_busy_device
+from gpu_matrix_service.backends.base import least_busy_device, take_device
 from gpu_matrix_service.backends.cuda.backend import (
     GpuDevice,
     plan_chunks,
@@ -92,6 +92,18 @@ def test_least_busy_device_has_fewest_requests_in_flight_then_fewest_served():
     ]
     assert least_busy_device(devices).ordinal == 3
     assert least_busy_device(devices[:2]).ordinal == 1
+
+
+def test_take_device_idle_only_skips_busy_devices_and_holds_the_first_lock():
+    devices = [GpuDevice(i, "gpu", 1, 0, None, in_flight=f) for i, f in enumerate((1, 0, 0))]
+    taken = take_device(devices, idle_only=True)
+    assert taken is devices[1] and taken.in_flight == 1 and taken.served == 1
+    assert taken.first.locked()
+    devices[2].first.acquire()  # another caller's request runs on it at once
+    assert take_device(devices, idle_only=True) is None
+    assert devices[2].in_flight == 0
+    assert take_device(devices) is devices[2]  # a worker's request may still take it
+    assert devices[2].in_flight == 1
 
 
 def test_device_pool_reuses_blocks_and_trims_cache():

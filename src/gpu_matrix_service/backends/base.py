@@ -7,6 +7,7 @@ imports a backend module, only :mod:`gpu_matrix_service.backends.registry`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar, runtime_checkable
@@ -103,10 +104,12 @@ class BackendUnavailable(RuntimeError):
 
 
 class DeviceLoad(Protocol):
-    """What :func:`least_busy_device` reads of a GPU backend's device."""
+    """What :func:`least_busy_device` and :func:`take_device` use of a GPU backend's device:
+    its load, and ``first``, held while a request runs on it at once (``run_if_idle``)."""
 
     in_flight: int
     served: int
+    first: threading.Lock
 
 
 LoadT = TypeVar("LoadT", bound=DeviceLoad)
@@ -116,3 +119,19 @@ def least_busy_device(devices: Sequence[LoadT]) -> LoadT:
     """The device with the fewest requests in flight; ties go to the one that served fewest,
     so idle devices take turns (both GPU backends place requests this way)."""
     return min(devices, key=lambda device: (device.in_flight, device.served))
+
+
+def take_device(devices: Sequence[LoadT], idle_only: bool = False) -> LoadT | None:
+    """The least busy of ``devices``, counted in flight (the caller holds its backend's lock
+    and gives the place back when the request ends). With ``idle_only``, only a device with
+    nothing in flight, its ``first`` lock taken for the caller to release; else None."""
+    if idle_only:
+        devices = [device for device in devices if device.in_flight == 0]
+        if not devices:
+            return None
+    device = least_busy_device(devices)
+    if idle_only and not device.first.acquire(blocking=False):
+        return None
+    device.in_flight += 1
+    device.served += 1
+    return device

@@ -35,7 +35,7 @@ from gpu_matrix_service.backends.base import (
     DeviceKind,
     Result,
     RunOptions,
-    least_busy_device,
+    take_device,
 )
 from gpu_matrix_service.backends.numba_memory import (
     CUDA_ERRORS,
@@ -311,17 +311,7 @@ class NumbaBackend:
         with self._lock:
             if self._closed:
                 raise BackendFailure("the numba backend is shut down")
-            candidates = self._gpus
-            if idle_only:
-                candidates = [g for g in candidates if g.in_flight == 0]
-                if not candidates:
-                    return None
-            gpu = least_busy_device(candidates)
-            if idle_only and not gpu.first.acquire(blocking=False):
-                return None
-            gpu.in_flight += 1
-            gpu.served += 1
-        return gpu
+            return take_device(self._gpus, idle_only)
 
     def _run_on(
         self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray, retry: bool = True

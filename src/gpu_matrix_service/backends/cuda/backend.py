@@ -22,7 +22,7 @@ from gpu_matrix_service.backends.base import (
     DeviceKind,
     Result,
     RunOptions,
-    least_busy_device,
+    take_device,
 )
 from gpu_matrix_service.backends.cuda import binding
 from gpu_matrix_service.backends.cuda.binding import KernelLibrary
@@ -236,17 +236,7 @@ class CudaBackend:
         with self._lock:
             if not self._devices:
                 raise BackendFailure("the cuda backend is closed")
-            candidates = self._devices
-            if idle_only:
-                candidates = [d for d in candidates if d.in_flight == 0]
-                if not candidates:
-                    return None
-            device = least_busy_device(candidates)
-            if idle_only and not device.first.acquire(blocking=False):
-                return None
-            device.in_flight += 1
-            device.served += 1
-        return device
+            return take_device(self._devices, idle_only)
 
     def _retry_after_trim(self, device: GpuDevice, attempt: Callable[[], Result]) -> Result:
         try:
