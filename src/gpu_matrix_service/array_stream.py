@@ -5,8 +5,11 @@ received. As soon as a ``.npy`` header (bare, or the first bytes of an ``.npz`` 
 complete it asks the allocator for the destination array, pinned staging memory on a GPU
 backend, and from then on every chunk is copied there once: the upload is never assembled
 in a buffer and copied again. Stored ``.npz`` members are copied as they are, deflated ones
-are inflated chunk by chunk. Zip files this cannot follow as a stream (sizes only in a
-trailing data descriptor, or an unknown first record) are kept whole and handed to
+are inflated chunk by chunk. Given a thread pool, the CRC of a large array's bytes, and the
+multipart reader's check that its boundary is not among them, run off the event loop in
+blocks of the destination (:class:`~gpu_matrix_service.lanes.Lane`). Zip files this cannot
+follow as a stream (sizes only in a trailing data descriptor, or an unknown first record) are
+kept whole and handed to
 :func:`gpu_matrix_service.arrays.decode_array` at the end, so they get the same answer as the
 whole-file decoder, errors included. Refused here but read by the whole-file decoder (the
 command line's): bzip2 and LZMA members, which numpy never writes and which would hold the
@@ -18,6 +21,8 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -35,7 +40,8 @@ from gpu_matrix_service.arrays import (
     decode_array,
     parse_npy_header,
 )
-from gpu_matrix_service.errors import BadArrayInput, PayloadTooLarge
+from gpu_matrix_service.errors import BadArrayInput, PayloadTooLarge, ServiceError
+from gpu_matrix_service.lanes import Lane, contains
 from gpu_matrix_service.zip_records import (
     DEFLATED,
     LOCAL_HEADER,
@@ -50,6 +56,28 @@ from gpu_matrix_service.zip_records import (
 INFLATE_STEP: Final = 4 * 1024 * 1024
 # finish() work beyond this many bytes goes to a worker thread (Upload.operands).
 HEAVY_FINISH_BYTES: Final = 1 << 20
+# With a pool, arrays of at least this many bytes are checked (CRC, boundary) off the event
+# loop, in blocks of CHECK_BLOCK_BYTES of the destination: each block is one GIL-free CRC
+# and one GIL-free search on a worker thread, and the last one is what the request waits for.
+OFF_LOOP_BYTES: Final = 1 << 20
+CHECK_BLOCK_BYTES: Final = 8 << 20
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Bytes that must not occur in an array's data (a multipart boundary), and what makes
+    the error :meth:`ArrayStream.finish` raises if they do."""
+
+    needle: bytes
+    error: Callable[[], ServiceError]
+
+
+@dataclass
+class OffLoop:
+    """What a stream may hand to worker threads: the pool, and what to refuse in the data."""
+
+    pool: Executor
+    refusal: Refusal | None = None
 
 
 class NpyStream:
@@ -58,13 +86,26 @@ class NpyStream:
     ``most_bytes`` is the most this stream can possibly carry (what is left of the request
     body, or what a zip member's compressed size can inflate to): a header declaring more is
     refused before anything is allocated, so a few bytes of headers cannot reserve gigabytes.
+    With ``verify_crc`` it keeps the CRC-32 of every byte fed (:attr:`crc`, complete once
+    :meth:`after_checks` runs its job); with ``off_loop``, a large array's CRC and refusal
+    checks run on a lane.
     """
 
     def __init__(
-        self, name: str, limits: ArrayLimits, allocate: Allocator, most_bytes: int
+        self,
+        name: str,
+        limits: ArrayLimits,
+        allocate: Allocator,
+        most_bytes: int,
+        verify_crc: bool = False,
+        off_loop: OffLoop | None = None,
     ) -> None:
         self.name, self.limits, self.allocate = name, limits, allocate
         self.most_bytes = most_bytes
+        self.verify_crc, self.off_loop = verify_crc, off_loop
+        self.crc = 0
+        self._checks: Lane | None = None  # set once the header says the array is large
+        self._checked = 0  # destination bytes handed to the checks
         self._head = bytearray()
         self._header: NpyHeader | None = None
         self._out: np.ndarray | None = None
@@ -74,16 +115,85 @@ class NpyStream:
 
     def feed(self, data: memoryview) -> None:
         """Take the next bytes of the file."""
-        if self._header is None:
-            data = self._feed_header(data)
-            if self._header is None or not data:
-                return
+        if self._checks is None:
+            if self.verify_crc:
+                self.crc = zlib.crc32(data, self.crc)
+            if self._header is None:
+                data = self._feed_header(data)
+                if self._header is None or not data:
+                    return
         assert self._target is not None
         room = len(self._target) - self._filled
         take = min(room, len(data))
         self._target[self._filled : self._filled + take] = data[:take]
         self._filled += take
-        self.extra += len(data) - take
+        self.extra += len(data) - take  # an error at finish if this array is the one chosen
+        if self._checks is not None:
+            self._hand_over_checks()
+            if take < len(data) and self.verify_crc:  # after the array's bytes, in order
+                self._checks.put(self._crc_of(data[take:]))
+
+    def _crc_of(self, data: memoryview) -> Callable[[], None]:
+        def crc() -> None:
+            self.crc = zlib.crc32(data, self.crc)
+
+        return crc
+
+    def _hand_over_checks(self, *, ended: bool = False) -> None:
+        """Put the checks of each full block filled on the lane, and of the last, partial one
+        when the array is full or its bytes ``ended`` (a short file)."""
+        assert self._checks is not None
+        assert self._target is not None
+        last = ended or self._filled == len(self._target)
+        while self._filled - self._checked >= CHECK_BLOCK_BYTES or (
+            last and self._filled > self._checked
+        ):
+            end = min(self._checked + CHECK_BLOCK_BYTES, self._filled)
+            self._checks.put(self._block_check(self._checked, end))
+            self._checked = end
+
+    def _block_check(self, start: int, end: int) -> Callable[[], None]:
+        assert self._target is not None
+        assert self.off_loop is not None
+        target, refusal = self._target, self.off_loop.refusal  # the job keeps them alive
+
+        def check() -> None:  # on the lane, in order
+            if self.verify_crc:
+                self.crc = zlib.crc32(target[start:end], self.crc)
+            # From a needle's length before the block: one may straddle two blocks.
+            if refusal is not None and contains(
+                target[max(0, start - len(refusal.needle) + 1) : end], refusal.needle
+            ):
+                raise refusal.error()
+
+        return check
+
+    def end_checks(self) -> None:
+        """No more bytes come: hand the checks of what came over (a short file's last block)."""
+        if self._checks is not None:
+            self._hand_over_checks(ended=True)
+
+    def after_checks(self, job: Callable[[], None]) -> None:
+        """No more bytes come; run ``job`` once :attr:`crc` is complete: now, or after the
+        checks on the lane."""
+        if self._checks is None:
+            job()
+            return
+        self.end_checks()
+        self._checks.put(job)
+
+    def plain_bytes(self) -> int:
+        """How many of the next bytes are array data that this stream itself checks for the
+        refused bytes (so its reader need not search them); 0 unless it does."""
+        if self._checks is None or self._target is None:
+            return 0
+        assert self.off_loop is not None
+        return 0 if self.off_loop.refusal is None else len(self._target) - self._filled
+
+    @property
+    def lane(self) -> Lane | None:
+        """The lane running this array's checks, if any."""
+        return self._checks
 
     def _feed_header(self, data: memoryview) -> memoryview:
         """Gather the header; once whole, allocate the destination. Returns unused bytes.
@@ -129,6 +239,10 @@ class NpyStream:
         else:  # reorder or byte-swap once at the end
             self._out = np.empty(header.nbytes, np.uint8)
         self._target = memoryview(self._out.reshape(-1).view(np.uint8))
+        if self.off_loop is not None and header.nbytes >= OFF_LOOP_BYTES:
+            # The bytes after the header, in this chunk, had their CRC computed (in feed).
+            self._checks = Lane(self.off_loop.pool)
+            self._checked = min(len(rest), len(self._target))
         return rest
 
     def finish_bytes(self) -> int:
@@ -143,6 +257,10 @@ class NpyStream:
         header = self._header
         if header is None:
             raise BadArrayInput(f"{self.name}: truncated .npy header")
+        if self._checks is not None:
+            self.end_checks()
+            self._checks.wait()  # normally done already: Upload.operands waits off the loop
+            self._checks.raise_error()
         if self._filled < header.nbytes or self.extra:
             raise BadArrayInput(
                 f"{self.name}: array data is {self._filled + self.extra} bytes, but its header "
@@ -157,23 +275,16 @@ class NpyStream:
 
 
 class _Member:
-    """One ``.npz`` member being read: its sizes, inflater, checksum and (maybe) decoder."""
+    """One ``.npz`` member being read: its sizes, inflater, checksum and (maybe) decoder,
+    which keeps the CRC of what it is fed when it is to be verified."""
 
     def __init__(
-        self,
-        key: str,
-        method: int,
-        crc: int,
-        packed: int,
-        size: int,
-        decoder: NpyStream | None,
-        verify_crc: bool,
+        self, key: str, method: int, crc: int, packed: int, size: int, decoder: NpyStream | None
     ) -> None:
-        self.key, self.method, self.crc, self.verify_crc = key, method, crc, verify_crc
+        self.key, self.method, self.crc = key, method, crc
         self.packed_left, self.size = packed, size
         self.decoder = decoder
         self.inflater = zlib.decompressobj(-15) if method == DEFLATED else None
-        self.running_crc = 0
         self.produced = 0
 
     def feed(self, data: memoryview, label: str) -> None:
@@ -195,8 +306,6 @@ class _Member:
         self.produced += len(data)
         if self.produced > self.size:
             raise BadArrayInput(f"{label} inflates beyond its declared {self.size} bytes")
-        if self.verify_crc:
-            self.running_crc = zlib.crc32(data, self.running_crc)
         if self.decoder is not None:
             self.decoder.feed(data)
 
@@ -208,8 +317,21 @@ class _Member:
                 self._content(memoryview(self.inflater.flush()), label)
             except zlib.error:
                 raise BadArrayInput(f"{label} is corrupt (bad compressed data)") from None
-        if self.produced != self.size or (self.verify_crc and self.running_crc != self.crc):
+        decoder = self.decoder
+        if self.produced != self.size:
             raise BadArrayInput(f"{label} is corrupt (bad compressed data or checksum)")
+
+        def check_crc() -> None:
+            if decoder.verify_crc and decoder.crc != self.crc:
+                raise BadArrayInput(f"{label} is corrupt (bad compressed data or checksum)")
+
+        decoder.after_checks(check_crc)  # at once, or after the CRC's blocks on the lane
+
+    def plain_bytes(self) -> int:
+        """How many of the next bytes are array data its decoder checks itself."""
+        if self.decoder is None or self.inflater is not None:
+            return 0
+        return min(self.packed_left, self.decoder.plain_bytes())
 
 
 class NpzStream:
@@ -219,13 +341,20 @@ class NpzStream:
     (sizes in a data descriptor); the caller then decodes the whole file instead.
     """
 
-    def __init__(self, name: str, limits: ArrayLimits, allocate: Allocator) -> None:
-        self.name, self.limits, self.allocate = name, limits, allocate
+    def __init__(
+        self,
+        name: str,
+        limits: ArrayLimits,
+        allocate: Allocator,
+        off_loop: OffLoop | None = None,
+    ) -> None:
+        self.name, self.limits, self.allocate, self.off_loop = name, limits, allocate, off_loop
         self._record = bytearray()
         self._member: _Member | None = None
         self._in_trailer = False
         self.keys: list[str] = []
         self.arrays: dict[str, NpyStream] = {}
+        self._decoders: list[NpyStream] = []  # every one, a repeated name's too (their checks)
         self.needs_whole_file = False
 
     def feed(self, data: memoryview) -> None:
@@ -308,15 +437,28 @@ class NpzStream:
         elif not self.keys or key in PREFERRED_KEYS:
             # Deflate cannot compress better than about 1032:1.
             most = packed if method == STORED else packed * 1032 + 64 * 1024
-            decoder = NpyStream(label, self.limits, self.allocate, most)
+            verify = method == DEFLATED or self.limits.verify_stored_crc
+            off_loop = self.off_loop
+            if off_loop is not None and method != STORED:
+                # Its bytes in the body are the compressed ones, which the reader searched.
+                off_loop = OffLoop(off_loop.pool)
+            decoder = NpyStream(label, self.limits, self.allocate, most, verify, off_loop)
             self.arrays[key] = decoder
+            self._decoders.append(decoder)
         if not filename.endswith("/"):
             self.keys.append(key)
-        verify = method == DEFLATED or self.limits.verify_stored_crc
-        self._member = _Member(key, method, crc, packed, size, decoder, verify)
+        self._member = _Member(key, method, crc, packed, size, decoder)
         if packed == 0:
             self._member.close(label)
             self._member = None
+
+    def plain_bytes(self) -> int:
+        """How many of the next bytes are array data its member's decoder checks itself."""
+        return 0 if self._member is None else self._member.plain_bytes()
+
+    def lanes(self) -> list[Lane]:
+        """The lanes checking its members' data."""
+        return [lane for stream in self._decoders if (lane := stream.lane) is not None]
 
     def finish_bytes(self) -> int:
         """Bytes :meth:`finish` still converts, over the members it decoded."""
@@ -343,7 +485,8 @@ class ArrayStream:
     """One uploaded file: ``.npy`` or ``.npz``, decoded while it arrives.
 
     ``feed`` takes chunks, ``finish`` returns the native-order array or raises the same
-    :class:`~gpu_matrix_service.errors.ServiceError` the whole-file decoder would.
+    :class:`~gpu_matrix_service.errors.ServiceError` the whole-file decoder would. With a
+    ``pool``, a large array's checks run there (:attr:`busy` until done, :meth:`wait`).
     """
 
     def __init__(
@@ -352,9 +495,11 @@ class ArrayStream:
         limits: ArrayLimits,
         allocate: Allocator = _numpy_empty,
         most_bytes: int | None = None,
+        pool: Executor | None = None,
     ) -> None:
         # most_bytes: the most this upload can be (the rest of the request body).
         self.name, self.limits, self.allocate = name, limits, allocate
+        self.off_loop = None if pool is None else OffLoop(pool)
         self.most_bytes = most_bytes if most_bytes is not None else limits.max_bytes * 2
         self._sniff = bytearray()
         self._stream: NpyStream | NpzStream | None = None
@@ -440,14 +585,59 @@ class ArrayStream:
 
     def _open(self, magic: bytes) -> NpyStream | NpzStream | None:
         if magic == NPY_MAGIC:
-            return NpyStream(self.name, self.limits, self.allocate, self.most_bytes)
+            return NpyStream(self.name, self.limits, self.allocate, self.most_bytes,
+                             off_loop=self.off_loop)  # fmt: skip
         if magic[:4] == LOCAL_SIGNATURE:
-            return NpzStream(self.name, self.limits, self.allocate)
+            return NpzStream(self.name, self.limits, self.allocate, self.off_loop)
         return None  # garbage or an odd zip: the whole-file decoder says what is wrong
+
+    def refuse(self, needle: bytes, error: Callable[[], ServiceError]) -> None:
+        """Have :meth:`finish` raise ``error()`` if ``needle`` occurs in a large array's data
+        as it came (stored, not inflated), searched off the loop; then :meth:`plain_bytes`
+        may be more than 0. Call it before the first :meth:`feed`; without a pool it does
+        nothing."""
+        if self.off_loop is not None:
+            self.off_loop.refusal = Refusal(needle, error)
+
+    def plain_bytes(self) -> int:
+        """How many of the next bytes are array data this stream searches for the refused
+        bytes itself: a multipart reader may pass them on without searching them."""
+        if self._held is not None or self._stream is None:
+            return 0
+        return self._stream.plain_bytes()
+
+    def _lanes(self) -> list[Lane]:
+        if isinstance(self._stream, NpzStream):
+            return self._stream.lanes()
+        if isinstance(self._stream, NpyStream) and self._stream.lane is not None:
+            return [self._stream.lane]
+        return []
+
+    @property
+    def busy(self) -> bool:
+        """Whether checks are still running off the loop."""
+        return any(lane.busy for lane in self._lanes())
+
+    def wait(self) -> None:
+        """Block until the checks off the loop are done (a worker thread's call)."""
+        for lane in self._lanes():
+            lane.wait()
+
+    def abandon(self) -> None:
+        """The upload failed: skip the checks not yet started."""
+        for lane in self._lanes():
+            lane.abandon()
 
     def finish(self) -> np.ndarray:
         """The decoded array (ends the input first)."""
         self.end()
+        # Every decoded member's checks, not only the chosen one's: on the loop, a bad CRC or
+        # a boundary in any of them is refused as it ends.
+        if isinstance(self._stream, NpyStream):
+            self._stream.end_checks()  # a bare .npy: its members' close does it in an .npz
+        for lane in self._lanes():
+            lane.wait()
+            lane.raise_error()
         if self._in_one_piece is not None:
             return self._in_one_piece
         if self._stream is None:

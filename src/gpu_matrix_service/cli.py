@@ -138,6 +138,9 @@ def serve(
         int, "GMS_MAX_JSON_RESULT_ELEMENTS", "Most elements for ?result=json."
     ) = None,
     compute_threads: _opt(int, "GMS_COMPUTE_THREADS", "Threads running computations.") = None,
+    upload_threads: _opt(
+        int, "GMS_UPLOAD_THREADS", "Threads checking large uploads as they arrive (0: none)."
+    ) = None,
     max_queued: _opt(int, "GMS_MAX_QUEUED", "Requests that may wait; beyond, 503.") = None,
     compute_timeout_seconds: _opt(
         float, "GMS_COMPUTE_TIMEOUT_SECONDS", "Per-request compute timeout (504)."

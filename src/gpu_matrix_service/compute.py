@@ -83,6 +83,12 @@ class ComputeService:
         self._executor = ThreadPoolExecutor(
             max_workers=settings.compute_threads, thread_name_prefix="gms-compute"
         )
+        # Copies, CRCs and boundary scans of large uploads while they arrive (lanes.py).
+        self._upload_pool = (
+            ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="gms-upload")
+            if settings.upload_threads
+            else None
+        )
         self.admission = Admission(settings.compute_threads + settings.max_queued)
         self._running: set[Future[Result]] = set()
         self._inline_paused_until = 0.0  # time.monotonic() seconds
@@ -100,7 +106,7 @@ class ComputeService:
     def open_stream(self, name: str, most_bytes: int) -> ArrayStream:
         """A decoder for one uploaded file of at most ``most_bytes``, writing into the
         backend's host memory."""
-        return ArrayStream(name, self.limits, self._allocate, most_bytes)
+        return ArrayStream(name, self.limits, self._allocate, most_bytes, self._upload_pool)
 
     async def compute(
         self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions, ticket: Ticket
@@ -218,6 +224,8 @@ class ComputeService:
         """Drop queued computations, wait for running ones (``shutdown_timeout_seconds`` at
         most), then release the backend's devices."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._upload_pool is not None:  # its jobs read pinned memory: done before it goes
+            self._upload_pool.shutdown(wait=True)
         _, still_running = wait(list(self._running), self.settings.shutdown_timeout_seconds)
         if still_running:
             # Freeing device memory under a running kernel could crash; the process is

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     compute_threads: int = Field(
         4, ge=1, description="Worker threads that run computations off the event loop."
     )
+    upload_threads: int = Field(
+        4,
+        ge=0,
+        description="Threads that check large uploads while they arrive: CRC-32 and the search "
+        "for the multipart boundary (0: on the event loop).",
+    )
     max_queued: int = Field(
         64,
         ge=0,

@@ -6,6 +6,13 @@ decoder copies it again. Here the body is split into parts chunk by chunk as it 
 way) and each file part's bytes go straight to an :class:`~gpu_matrix_service.array_stream.
 ArrayStream`, which writes them into the destination array (pinned memory on a GPU backend).
 The byte cap is enforced on ``Content-Length`` before reading and on the bytes received.
+
+A large array's data (its decoder knows how many bytes are left) is passed on without a
+search on the event loop: the decoder scans it off the loop, in blocks of the destination,
+for the boundary, which must not occur inside it (a 400 if it does, as for the truncated file
+a part cut there would be). The last bytes of the array's data before the rest of the part
+are searched here as usual, so a delimiter that starts inside the data and ends after it is
+found too.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ MAX_PARTS: Final = 16
 # Text fields (non-file parts) are kept only up to this size; part headers likewise.
 MAX_TEXT_FIELD_BYTES: Final = 1024
 MAX_HEADER_BYTES: Final = 16 * 1024
+# Shorter stretches of array data are searched on the event loop like any part content.
+MIN_PLAIN_STRETCH: Final = 4096
 
 
 class UnsupportedMediaType(ServiceError):
@@ -100,6 +109,9 @@ class Upload:
         swap) runs on a worker thread, not on the event loop."""
         files = self._pick(count)
         start = time.perf_counter()
+        for part in files:
+            if part.stream is not None and part.stream.busy:  # CRC or search still running
+                await asyncio.to_thread(part.stream.wait)
         for part in files:
             if part.array is None and part.stream is not None:
                 if part.stream.heavy_finish:
@@ -200,8 +212,9 @@ class MultipartSplitter:
                 return len(chunk)
             self._emit(self._tail)
             self._tail = b""
-        found = chunk.find(delimiter, position)
         view = memoryview(chunk)
+        position = self._pass_plain(chunk, view, position)
+        found = chunk.find(delimiter, position)
         if found != -1:
             self._emit(view[position:found])
             self._end_part()
@@ -210,6 +223,26 @@ class MultipartSplitter:
         self._emit(view[position:cut])
         self._tail = chunk[cut:]
         return len(chunk)
+
+    def _pass_plain(self, chunk: bytes, view: memoryview, position: int) -> int:
+        """Pass on, unsearched here, array data that the current part's decoder searches for
+        the delimiter off the loop; returns the position after it. Its last ``keep`` bytes,
+        in this chunk and in the array, are left to the search here: a delimiter starting
+        there may end past the array's data, where the decoder does not look."""
+        part, keep = self._current, len(self.delimiter) - 1
+        if part is None or part.stream is None:
+            return position
+        end = position + min(part.stream.plain_bytes() - keep, len(chunk) - position - keep)
+        if end - position < MIN_PLAIN_STRETCH:
+            return position
+        self._emit(view[position:end])
+        return end
+
+    def abandon(self) -> None:
+        """The body failed: its decoders' work off the loop is not wanted."""
+        for part in self.parts:
+            if part.stream is not None:
+                part.stream.abandon()
 
     def _end_part(self) -> None:
         if self._current is not None and self._current.stream is not None:
@@ -273,6 +306,8 @@ class MultipartSplitter:
                 )
             self._files += 1
             part.stream = self.open_file(part.name, self.body_bytes)
+            # Large array data is searched for the delimiter off the event loop instead.
+            part.stream.refuse(self.delimiter, lambda name=part.name: _boundary_inside(name))
         self.parts.append(part)
         self._current = part
         self._state = _State.DATA
@@ -281,6 +316,13 @@ class MultipartSplitter:
         """Check the body ended with its closing delimiter."""
         if self._state is not _State.EPILOGUE:
             raise BadRequest("malformed multipart body: it ends before its closing boundary")
+
+
+def _boundary_inside(name: str) -> BadRequest:
+    # A stricter reader would end the part there: a truncated file, a 400 as well.
+    return BadRequest(
+        f"malformed multipart body: the boundary occurs inside the data of file {name!r}"
+    )
 
 
 # What clients send: form-data; name="a"; filename="a.npz" with nothing to unescape.
@@ -356,10 +398,14 @@ async def read_multipart(
         boundary, open_file, int(declared) if declared.isdigit() else max_bytes
     )
     received = 0
-    async for chunk in chunks:
-        received += len(chunk)
-        if received > max_bytes:
-            raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-        splitter.feed(chunk)
-    splitter.close()
+    try:
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > max_bytes:
+                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+            splitter.feed(chunk)
+        splitter.close()
+    except BaseException:  # a bad body, a disconnect, a timeout: stop the copies
+        splitter.abandon()
+        raise
     return Upload(splitter.parts, received, splitter.decode_seconds)

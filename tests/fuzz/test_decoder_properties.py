@@ -20,7 +20,8 @@ import struct
 import tracemalloc
 import zipfile
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import timedelta
 
 import numpy as np
@@ -29,6 +30,7 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from gpu_matrix_service import array_stream, uploads
 from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.errors import BadArrayInput, PayloadTooLarge, ServiceError
@@ -668,17 +670,26 @@ async def stream(chunks: list[bytes]) -> AsyncIterator[bytes]:
 
 
 def parse(
-    chunks: list[bytes], content_type: str | None, content_length: str | None, max_bytes: int
+    chunks: list[bytes],
+    content_type: str | None,
+    content_length: str | None,
+    max_bytes: int,
+    pool: Executor | None = None,
 ) -> Upload | ServiceError:
     """What the route makes of the body: an Upload whose files are decoded, or a ServiceError.
 
     As ``routes/ops.py`` does, ``read_multipart`` then ``operands`` (here: all of the files).
+    ``pool``: where the decoders check large arrays (the service's upload threads).
     """
+
+    def open_file(name: str, most: int) -> ArrayStream:
+        return ArrayStream(name, LIMITS, most_bytes=most, pool=pool)
+
     try:
         upload = asyncio.run(
             read_multipart(stream(chunks), content_type=content_type,
                            content_length=content_length, max_bytes=max_bytes,
-                           open_file=lambda name, most: ArrayStream(name, LIMITS, most_bytes=most))
+                           open_file=open_file)
         )  # fmt: skip
         asyncio.run(upload.operands(len(upload.files)))
     except ServiceError as exc:
@@ -759,6 +770,42 @@ def test_malformed_multipart_bodies_parse_or_are_refused_with_a_4xx(upload):
                 assert_decoded(part.array)
             else:
                 assert len(part.text) <= MAX_TEXT_FIELD_BYTES
+
+
+@pytest.fixture(scope="module")
+def upload_pool() -> Iterator[Executor]:
+    with ThreadPoolExecutor(2) as pool:
+        yield pool
+
+
+@settings(FUZZ, max_examples=250)
+@given(malformed_uploads())
+def test_uploads_checked_off_the_loop_parse_as_they_do_on_it(upload_pool, upload):
+    # Every array checked off the loop in 64-byte blocks, every stretch of its data passed
+    # on unsearched: accepted with the same arrays, or refused, as on the loop. Which refusal
+    # may differ for a crafted body (a short file swallowing its part's delimiter: 400, where
+    # the loop would meet a later part's 413 first).
+    chunks, content_type, content_length, max_bytes = upload
+    note(f"chunks: {chunks!r}, content type {content_type!r}, length {content_length!r}")
+    on_loop = parse(chunks, content_type, content_length, max_bytes)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(array_stream, "OFF_LOOP_BYTES", 1)
+        patch.setattr(array_stream, "CHECK_BLOCK_BYTES", 64)
+        patch.setattr(uploads, "MIN_PLAIN_STRETCH", 1)
+        off_loop = parse(chunks, content_type, content_length, max_bytes, upload_pool)
+    if isinstance(on_loop, ServiceError):
+        assert isinstance(off_loop, ServiceError), "accepted off the loop, refused on it"
+        return
+    assert isinstance(off_loop, Upload), off_loop
+    assert [(p.name, p.filename) for p in off_loop.parts] == [
+        (p.name, p.filename) for p in on_loop.parts
+    ]
+    for ours, theirs in zip(off_loop.parts, on_loop.parts, strict=True):
+        if theirs.array is not None:
+            assert ours.array is not None
+            assert ours.array.dtype == theirs.array.dtype
+            assert ours.array.shape == theirs.array.shape
+            assert ours.array.tobytes() == theirs.array.tobytes()
 
 
 # --- bugs found by the properties above -----------------------------------------------------

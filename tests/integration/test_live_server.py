@@ -13,6 +13,7 @@ import requests
 
 from gpu_matrix_service.client import Client, ServiceResponseError
 
+from arrayfiles import npz_bytes
 from servers import REPO, LiveServer, free_port, server_env
 
 EXAMPLES = REPO / "examples"
@@ -57,6 +58,31 @@ def test_python_client_computes_every_op_against_numpy(live_server, rng):
             client.add(a, c)
         assert error.value.status_code == 400
         assert 'request_count_total{endpoint="/add",method="POST",status="400"}' in client.metrics()
+
+
+def test_large_uploads_add_right_and_a_boundary_inside_their_data_is_400(live_server, rng):
+    # 4.8 MB operands: their CRC and boundary checks run off the event loop (GMS_UPLOAD_THREADS).
+    a = rng.standard_normal((1100, 1100)).astype(np.float32)
+    b = rng.standard_normal((1100, 1100)).astype(np.float32)
+    with Client(live_server.url) as client:
+        np.testing.assert_array_equal(client.add(a, b, want_result=True).result, a + b)
+    boundary = "x7boundary"
+    inside = bytearray(a.tobytes())  # the boundary in file_a's own data: its CRC is right
+    inside[3_000_000 : 3_000_000 + len(boundary) + 4] = f"\r\n--{boundary}".encode()
+    body = b""
+    for name, array in (("file_a", np.frombuffer(bytes(inside), a.dtype)), ("file_b", b)):
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                f'filename="{name}.npz"\r\n\r\n')  # fmt: skip
+        body += head.encode() + npz_bytes(array) + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    response = httpx.post(
+        f"{live_server.url}/add", content=body, timeout=30,
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )  # fmt: skip
+    assert response.status_code == 400
+    assert "boundary occurs inside the data of file 'file_a'" in response.json()["detail"]
+    with Client(live_server.url) as client:  # and it goes on serving
+        assert client.add(a[:3], b[:3]).matrix_shape == [3, 1100]
 
 
 def _cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
