@@ -7,7 +7,7 @@ backend, and from then on every chunk is copied there once: the upload is never 
 in a buffer and copied again. Stored ``.npz`` members are copied as they are, deflated ones
 are inflated chunk by chunk. Given a thread pool, the CRC of a large array's bytes, and the
 multipart reader's check that its boundary is not among them, run off the event loop in
-blocks of the destination (:class:`~gpu_matrix_service.lanes.Lane`). Zip files this cannot
+blocks of the destination (:mod:`~gpu_matrix_service.array_checks`). Zip files this cannot
 follow as a stream (sizes only in a trailing data descriptor, or an unknown first record) are
 kept whole and handed to
 :func:`gpu_matrix_service.arrays.decode_array` at the end, so they get the same answer as the
@@ -22,12 +22,13 @@ import math
 import struct
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 from zlib_ng import zlib_ng as zlib
 
+from gpu_matrix_service import array_checks
+from gpu_matrix_service.array_checks import ArrayChecks, OffLoop, Refusal
 from gpu_matrix_service.arrays import (
     MAX_HEADER_BYTES,
     NPY_MAGIC,
@@ -41,7 +42,7 @@ from gpu_matrix_service.arrays import (
     parse_npy_header,
 )
 from gpu_matrix_service.errors import BadArrayInput, PayloadTooLarge, ServiceError
-from gpu_matrix_service.lanes import Lane, contains
+from gpu_matrix_service.lanes import Lane
 from gpu_matrix_service.zip_records import (
     DEFLATED,
     LOCAL_HEADER,
@@ -56,28 +57,6 @@ from gpu_matrix_service.zip_records import (
 INFLATE_STEP: Final = 4 * 1024 * 1024
 # finish() work beyond this many bytes goes to a worker thread (Upload.operands).
 HEAVY_FINISH_BYTES: Final = 1 << 20
-# With a pool, arrays of at least this many bytes are checked (CRC, boundary) off the event
-# loop, in blocks of CHECK_BLOCK_BYTES of the destination: each block is one GIL-free CRC
-# and one GIL-free search on a worker thread, and the last one is what the request waits for.
-OFF_LOOP_BYTES: Final = 1 << 20
-CHECK_BLOCK_BYTES: Final = 8 << 20
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Bytes that must not occur in an array's data (a multipart boundary), and what makes
-    the error :meth:`ArrayStream.finish` raises if they do."""
-
-    needle: bytes
-    error: Callable[[], ServiceError]
-
-
-@dataclass
-class OffLoop:
-    """What a stream may hand to worker threads: the pool, and what to refuse in the data."""
-
-    pool: Executor
-    refusal: Refusal | None = None
 
 
 class NpyStream:
@@ -103,9 +82,8 @@ class NpyStream:
         self.name, self.limits, self.allocate = name, limits, allocate
         self.most_bytes = most_bytes
         self.verify_crc, self.off_loop = verify_crc, off_loop
-        self.crc = 0
-        self._checks: Lane | None = None  # set once the header says the array is large
-        self._checked = 0  # destination bytes handed to the checks
+        self._crc = 0  # while the checks run here, on the loop
+        self._checks: ArrayChecks | None = None  # set once the header says it is large
         self._head = bytearray()
         self._header: NpyHeader | None = None
         self._out: np.ndarray | None = None
@@ -117,7 +95,7 @@ class NpyStream:
         """Take the next bytes of the file."""
         if self._checks is None:
             if self.verify_crc:
-                self.crc = zlib.crc32(data, self.crc)
+                self._crc = zlib.crc32(data, self._crc)
             if self._header is None:
                 data = self._feed_header(data)
                 if self._header is None or not data:
@@ -129,71 +107,38 @@ class NpyStream:
         self._filled += take
         self.extra += len(data) - take  # an error at finish if this array is the one chosen
         if self._checks is not None:
-            self._hand_over_checks()
-            if take < len(data) and self.verify_crc:  # after the array's bytes, in order
-                self._checks.put(self._crc_of(data[take:]))
+            self._checks.filled(self._filled, last=self._filled == len(self._target))
+            if take < len(data):
+                self._checks.past_target(data[take:])
 
-    def _crc_of(self, data: memoryview) -> Callable[[], None]:
-        def crc() -> None:
-            self.crc = zlib.crc32(data, self.crc)
-
-        return crc
-
-    def _hand_over_checks(self, *, ended: bool = False) -> None:
-        """Put the checks of each full block filled on the lane, and of the last, partial one
-        when the array is full or its bytes ``ended`` (a short file)."""
-        assert self._checks is not None
-        assert self._target is not None
-        last = ended or self._filled == len(self._target)
-        while self._filled - self._checked >= CHECK_BLOCK_BYTES or (
-            last and self._filled > self._checked
-        ):
-            end = min(self._checked + CHECK_BLOCK_BYTES, self._filled)
-            self._checks.put(self._block_check(self._checked, end))
-            self._checked = end
-
-    def _block_check(self, start: int, end: int) -> Callable[[], None]:
-        assert self._target is not None
-        assert self.off_loop is not None
-        target, refusal = self._target, self.off_loop.refusal  # the job keeps them alive
-
-        def check() -> None:  # on the lane, in order
-            if self.verify_crc:
-                self.crc = zlib.crc32(target[start:end], self.crc)
-            # From a needle's length before the block: one may straddle two blocks.
-            if refusal is not None and contains(
-                target[max(0, start - len(refusal.needle) + 1) : end], refusal.needle
-            ):
-                raise refusal.error()
-
-        return check
-
-    def end_checks(self) -> None:
-        """No more bytes come: hand the checks of what came over (a short file's last block)."""
-        if self._checks is not None:
-            self._hand_over_checks(ended=True)
+    @property
+    def crc(self) -> int:
+        """The CRC-32 of the bytes fed (with ``verify_crc``; complete in an
+        :meth:`after_checks` job)."""
+        if self._checks is not None and self._checks.crc is not None:
+            return self._checks.crc
+        return self._crc
 
     def after_checks(self, job: Callable[[], None]) -> None:
         """No more bytes come; run ``job`` once :attr:`crc` is complete: now, or after the
-        checks on the lane."""
+        checks off the loop."""
         if self._checks is None:
             job()
             return
-        self.end_checks()
-        self._checks.put(job)
+        self._checks.filled(self._filled, last=True)  # a short file's last block too
+        self._checks.then(job)
 
     def plain_bytes(self) -> int:
         """How many of the next bytes are array data that this stream itself checks for the
         refused bytes (so its reader need not search them); 0 unless it does."""
-        if self._checks is None or self._target is None:
+        if self._checks is None or self._checks.refusal is None or self._target is None:
             return 0
-        assert self.off_loop is not None
-        return 0 if self.off_loop.refusal is None else len(self._target) - self._filled
+        return len(self._target) - self._filled
 
     @property
     def lane(self) -> Lane | None:
         """The lane running this array's checks, if any."""
-        return self._checks
+        return None if self._checks is None else self._checks.lane
 
     def _feed_header(self, data: memoryview) -> memoryview:
         """Gather the header; once whole, allocate the destination. Returns unused bytes.
@@ -239,10 +184,11 @@ class NpyStream:
         else:  # reorder or byte-swap once at the end
             self._out = np.empty(header.nbytes, np.uint8)
         self._target = memoryview(self._out.reshape(-1).view(np.uint8))
-        if self.off_loop is not None and header.nbytes >= OFF_LOOP_BYTES:
+        if self.off_loop is not None and header.nbytes >= array_checks.OFF_LOOP_BYTES:
             # The bytes after the header, in this chunk, had their CRC computed (in feed).
-            self._checks = Lane(self.off_loop.pool)
-            self._checked = min(len(rest), len(self._target))
+            crc = self._crc if self.verify_crc else None
+            checked = min(len(rest), len(self._target))
+            self._checks = ArrayChecks(self.off_loop, self._target, crc, checked)
         return rest
 
     def finish_bytes(self) -> int:
@@ -257,10 +203,8 @@ class NpyStream:
         header = self._header
         if header is None:
             raise BadArrayInput(f"{self.name}: truncated .npy header")
-        if self._checks is not None:
-            self.end_checks()
-            self._checks.wait()  # normally done already: Upload.operands waits off the loop
-            self._checks.raise_error()
+        if self._checks is not None:  # normally done: Upload.operands waits off the loop
+            self._checks.finish(self._filled)
         if self._filled < header.nbytes or self.extra:
             raise BadArrayInput(
                 f"{self.name}: array data is {self._filled + self.extra} bytes, but its header "
@@ -633,8 +577,8 @@ class ArrayStream:
         self.end()
         # Every decoded member's checks, not only the chosen one's: on the loop, a bad CRC or
         # a boundary in any of them is refused as it ends.
-        if isinstance(self._stream, NpyStream):
-            self._stream.end_checks()  # a bare .npy: its members' close does it in an .npz
+        if isinstance(self._stream, NpyStream):  # an .npz member's close does this for it
+            self._stream.after_checks(lambda: None)
         for lane in self._lanes():
             lane.wait()
             lane.raise_error()

@@ -2,7 +2,7 @@
 
 A :class:`Lane` runs its jobs one after another, in the order they were put, on a thread of a
 shared pool, and keeps the first error for its owner to raise. A large array being uploaded
-has one (see :mod:`gpu_matrix_service.array_stream`): as each block of its destination
+has one (see :mod:`gpu_matrix_service.array_checks`): as each block of its destination
 (pinned memory on a GPU backend) fills, the lane runs the zip member's CRC over it and scans
 it for the multipart boundary. zlib-ng's CRC and libc's ``memmem`` release the GIL, so the
 event loop goes on receiving meanwhile; on the event loop these two passes cost about as much

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gpu_matrix_service import array_stream, uploads
+from gpu_matrix_service import array_checks, uploads
 from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.errors import BadArrayInput, PayloadTooLarge, ServiceError
@@ -789,8 +789,8 @@ def test_uploads_checked_off_the_loop_parse_as_they_do_on_it(upload_pool, upload
     note(f"chunks: {chunks!r}, content type {content_type!r}, length {content_length!r}")
     on_loop = parse(chunks, content_type, content_length, max_bytes)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(array_stream, "OFF_LOOP_BYTES", 1)
-        patch.setattr(array_stream, "CHECK_BLOCK_BYTES", 64)
+        patch.setattr(array_checks, "OFF_LOOP_BYTES", 1)
+        patch.setattr(array_checks, "CHECK_BLOCK_BYTES", 64)
         patch.setattr(uploads, "MIN_PLAIN_STRETCH", 1)
         off_loop = parse(chunks, content_type, content_length, max_bytes, upload_pool)
     if isinstance(on_loop, ServiceError):

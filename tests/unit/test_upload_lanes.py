@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from gpu_matrix_service import array_stream, lanes
+from gpu_matrix_service import array_checks, lanes
 from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.errors import BadArrayInput, BadRequest, ServiceError
@@ -38,8 +38,8 @@ def pool():
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """Every array checked off the loop, in 64-byte blocks: small files take that path."""
-    monkeypatch.setattr(array_stream, "OFF_LOOP_BYTES", 1)
-    monkeypatch.setattr(array_stream, "CHECK_BLOCK_BYTES", 64)
+    monkeypatch.setattr(array_checks, "OFF_LOOP_BYTES", 1)
+    monkeypatch.setattr(array_checks, "CHECK_BLOCK_BYTES", 64)
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_real_blocks_check_crc_and_needle_across_a_block_edge(rng, pool, lane_pu
     np.testing.assert_array_equal(got, a)
     assert len(lane_puts) >= 3  # two blocks, then the CRC comparison
     # Blocks start after the array bytes of the first 64 KiB chunk (checked as it came).
-    edge = (1 << 16) - start + array_stream.CHECK_BLOCK_BYTES
+    edge = (1 << 16) - start + array_checks.CHECK_BLOCK_BYTES
     with pytest.raises(BadRequest, match="boundary inside"):
         _stream(npz_bytes(_with_needle(a, edge - 5)), 1 << 16, pool).finish()
 
