@@ -23,7 +23,11 @@ import numpy as np
 
 class Lane:
     """Jobs run in order on ``pool``, one at a time; after an error the rest are skipped,
-    and the error waits for the owner's :meth:`raise_error` (on the owner's thread)."""
+    and the error waits for the owner's :meth:`raise_error` (on the owner's thread).
+
+    The pool must run what it was given: shut down with ``cancel_futures=True`` while a lane
+    waits, it would leave the lane busy for good (``ComputeService.close`` waits instead).
+    """
 
     def __init__(self, pool: Executor) -> None:
         self._pool = pool

@@ -405,7 +405,7 @@ async def read_multipart(
                 raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
             splitter.feed(chunk)
         splitter.close()
-    except BaseException:  # a bad body, a disconnect, a timeout: stop the copies
+    except BaseException:  # a bad body, a disconnect, a timeout: stop the checks
         splitter.abandon()
         raise
     return Upload(splitter.parts, received, splitter.decode_seconds)
