@@ -140,6 +140,11 @@ class NpyStream:
         """The lane running this array's checks, if any."""
         return None if self._checks is None else self._checks.lane
 
+    def finish_checks(self) -> None:
+        """No more bytes come: wait for the checks off the loop, raise the first failure."""
+        if self._checks is not None:
+            self._checks.finish(self._filled)
+
     def _feed_header(self, data: memoryview) -> memoryview:
         """Gather the header; once whole, allocate the destination. Returns unused bytes.
 
@@ -203,8 +208,6 @@ class NpyStream:
         header = self._header
         if header is None:
             raise BadArrayInput(f"{self.name}: truncated .npy header")
-        if self._checks is not None:  # normally done: Upload.operands waits off the loop
-            self._checks.finish(self._filled)
         if self._filled < header.nbytes or self.extra:
             raise BadArrayInput(
                 f"{self.name}: array data is {self._filled + self.extra} bytes, but its header "
@@ -404,6 +407,13 @@ class NpzStream:
         """The lanes checking its members' data."""
         return [lane for stream in self._decoders if (lane := stream.lane) is not None]
 
+    def finish_checks(self) -> None:
+        """Wait for every decoded member's checks, the chosen one's or not (on the loop a bad
+        CRC or a boundary in any of them is refused as it ends); raise the first failure."""
+        for lane in self.lanes():
+            lane.wait()
+            lane.raise_error()
+
     def finish_bytes(self) -> int:
         """Bytes :meth:`finish` still converts, over the members it decoded."""
         return sum(stream.finish_bytes() for stream in self.arrays.values())
@@ -575,13 +585,8 @@ class ArrayStream:
     def finish(self) -> np.ndarray:
         """The decoded array (ends the input first)."""
         self.end()
-        # Every decoded member's checks, not only the chosen one's: on the loop, a bad CRC or
-        # a boundary in any of them is refused as it ends.
-        if isinstance(self._stream, NpyStream):  # an .npz member's close does this for it
-            self._stream.after_checks(lambda: None)
-        for lane in self._lanes():
-            lane.wait()
-            lane.raise_error()
+        if self._stream is not None:  # normally done: Upload.operands waits off the loop
+            self._stream.finish_checks()
         if self._in_one_piece is not None:
             return self._in_one_piece
         if self._stream is None:

@@ -83,7 +83,7 @@ class ComputeService:
         self._executor = ThreadPoolExecutor(
             max_workers=settings.compute_threads, thread_name_prefix="gms-compute"
         )
-        # Copies, CRCs and boundary scans of large uploads while they arrive (lanes.py).
+        # CRCs and boundary searches of large uploads while they arrive (array_checks.py).
         self._upload_pool = (
             ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="gms-upload")
             if settings.upload_threads
