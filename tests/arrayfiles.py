@@ -55,3 +55,21 @@ def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -
     if kind == "c":
         return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
     return rng.standard_normal(shape).astype(dtype)
+
+
+def array_file_cases(rng: np.random.Generator) -> dict[str, bytes]:
+    """One small array in each layout a decoder meets, by label: bare, Fortran-ordered and
+    big-endian .npy; stored, deflated, several-member and data-descriptor .npz; an empty one."""
+    a = rng.standard_normal((37, 29)).astype(np.float32)
+    return {
+        "npy": npy_bytes(a),
+        "npy fortran": npy_bytes(np.asfortranarray(a)),
+        "npy big-endian": npy_bytes(a.astype(">f8")),
+        "npz": npz_bytes(a),
+        "npz compressed": npz_compressed_bytes(m=a),
+        "npz several, matrix last": npz_bytes(a * 2, x=a, matrix=a + 1),
+        "npz several, arr_0 first": npz_bytes(a, a + 1),
+        "npz data descriptors": unseekable_npz(only=a),
+        "npz int64 3-D": npz_bytes(rng.integers(0, 9, (3, 4, 5))),
+        "npy empty": npy_bytes(np.empty((0, 4))),
+    }

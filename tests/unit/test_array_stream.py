@@ -15,7 +15,7 @@ from gpu_matrix_service.errors import BadArrayInput, BadRequest, PayloadTooLarge
 from gpu_matrix_service.uploads import read_multipart
 from gpu_matrix_service.zip_records import decode_in_one_piece
 
-from arrayfiles import npy_bytes, npz_bytes, npz_compressed_bytes, unseekable_npz
+from arrayfiles import array_file_cases, npy_bytes, npz_bytes, npz_compressed_bytes, unseekable_npz
 
 LIMITS = ArrayLimits(max_bytes=1 << 24, max_elements=1 << 22, max_dims=8)
 
@@ -27,25 +27,9 @@ def stream_decode(data: bytes, chunk: int, allocate=None) -> np.ndarray:
     return stream.finish()
 
 
-def cases(rng) -> dict[str, bytes]:
-    a = rng.standard_normal((37, 29)).astype(np.float32)
-    return {
-        "npy": npy_bytes(a),
-        "npy fortran": npy_bytes(np.asfortranarray(a)),
-        "npy big-endian": npy_bytes(a.astype(">f8")),
-        "npz": npz_bytes(a),
-        "npz compressed": npz_compressed_bytes(m=a),
-        "npz several, matrix last": npz_bytes(a * 2, x=a, matrix=a + 1),
-        "npz several, arr_0 first": npz_bytes(a, a + 1),
-        "npz data descriptors": unseekable_npz(only=a),
-        "npz int64 3-D": npz_bytes(rng.integers(0, 9, (3, 4, 5))),
-        "npy empty": npy_bytes(np.empty((0, 4))),
-    }
-
-
 @pytest.mark.parametrize("chunk", [1, 7, 64, 4096, 1 << 20])
 def test_stream_matches_whole_file_decoder_in_any_chunking(rng, chunk):
-    for label, data in cases(rng).items():
+    for label, data in array_file_cases(rng).items():
         expected = decode_array(data, name="file_a", limits=LIMITS)
         got = stream_decode(data, chunk)
         assert got.dtype == expected.dtype, label

@@ -22,7 +22,7 @@ from gpu_matrix_service.errors import BadArrayInput, BadRequest, ServiceError
 from gpu_matrix_service.lanes import Lane, contains
 from gpu_matrix_service.uploads import read_multipart
 
-from arrayfiles import npy_bytes, npz_bytes, npz_compressed_bytes, unseekable_npz
+from arrayfiles import array_file_cases, npy_bytes, npz_bytes, npz_compressed_bytes
 
 LIMITS = ArrayLimits(max_bytes=1 << 26, max_elements=1 << 24, max_dims=8)
 BOUNDARY = "b0undary"
@@ -112,19 +112,6 @@ def test_contains_finds_the_needle_anywhere_and_nothing_else(monkeypatch, gil_fr
     assert not contains(memoryview(DELIMITER[:-1]), DELIMITER)  # shorter than the needle
 
 
-def _cases(rng) -> dict[str, bytes]:
-    a = rng.standard_normal((37, 29)).astype(np.float32)
-    return {
-        "npy": npy_bytes(a),
-        "npy fortran": npy_bytes(np.asfortranarray(a)),
-        "npy big-endian": npy_bytes(a.astype(">f8")),
-        "npz": npz_bytes(a),
-        "npz compressed": npz_compressed_bytes(m=a),
-        "npz several, matrix last": npz_bytes(a * 2, x=a, matrix=a + 1),
-        "npz data descriptors": unseekable_npz(only=a),
-    }
-
-
 def _stream(data: bytes, chunk: int, pool, limits: ArrayLimits = LIMITS) -> ArrayStream:
     stream = ArrayStream("file_a", limits, pool=pool)
     stream.refuse(DELIMITER, lambda: BadRequest("boundary inside"))
@@ -139,7 +126,7 @@ def _stream(data: bytes, chunk: int, pool, limits: ArrayLimits = LIMITS) -> Arra
 def test_checks_off_the_loop_decode_as_the_whole_file_decoder_does(
     rng, pool, tiny_blocks, lane_puts, chunk
 ):
-    for label, data in _cases(rng).items():
+    for label, data in array_file_cases(rng).items():
         got = _stream(data, chunk, pool).finish()
         np.testing.assert_array_equal(got, decode_array(data, name="f", limits=LIMITS), label)
     assert lane_puts
