@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from backend_cases import check_run_if_idle
 from gpu_matrix_service.backends.base import BackendUnavailable, RunOptions
 from gpu_matrix_service.backends.cuda.pools import size_class
 from gpu_matrix_service.errors import BackendFailure, DeviceOutOfMemory, UnsupportedDType
@@ -218,33 +219,10 @@ def test_run_if_idle_computes_on_an_idle_gpu_and_declines_while_every_gpu_is_bus
     backend, rng, monkeypatch
 ):
     a, b = random_array(rng, (64, 64), np.float32), random_array(rng, (64, 64), np.float32)
-    idle = backend.run_if_idle(OPS["add"], a, b, RunOptions())
-    assert idle is not None and idle.device == "GPU"
-    np.testing.assert_array_equal(idle.array, a + b)
-
-    started, release = threading.Semaphore(0), threading.Event()
-    matmul = backend._matmul
-
-    def held(*args):
-        started.release()
-        assert release.wait(20)
-        return matmul(*args)
-
-    monkeypatch.setattr(backend, "_matmul", held)
-    with ThreadPoolExecutor(len(backend.devices())) as pool:
-        busy = [pool.submit(backend.run, OPS["matmul"], a, b, RunOptions())
-                for _ in backend.devices()]  # fmt: skip
-        for _ in busy:  # a matmul in flight on every GPU
-            assert started.acquire(timeout=20)
-        try:
-            assert backend.run_if_idle(OPS["add"], a, b, RunOptions()) is None
-        finally:
-            release.set()
-        for future in busy:
-            np.testing.assert_allclose(future.result().array, a @ b, rtol=1e-4, atol=1e-2)
-    again = backend.run_if_idle(OPS["subtract"], a, b, RunOptions())
-    assert again is not None
-    np.testing.assert_array_equal(again.array, a - b)
+    busy = check_run_if_idle(backend, monkeypatch, a, b, hold="_matmul", busy_op="matmul",
+                             again_op="subtract")  # fmt: skip
+    for result in busy:
+        np.testing.assert_allclose(result.array, a @ b, rtol=1e-4, atol=1e-2)
 
 
 @pytest.fixture

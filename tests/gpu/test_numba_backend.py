@@ -15,6 +15,7 @@ import pytest
 
 cuda = pytest.importorskip("numba.cuda")
 
+from backend_cases import check_run_if_idle  # noqa: E402
 from gpu_matrix_service.backends.base import BackendUnavailable, RunOptions  # noqa: E402
 from gpu_matrix_service.errors import DeviceOutOfMemory  # noqa: E402
 from gpu_matrix_service.ops import get_op  # noqa: E402
@@ -178,31 +179,5 @@ def test_run_if_idle_computes_on_an_idle_gpu_and_declines_while_every_gpu_is_bus
     backend, monkeypatch
 ):
     a, b = operands(backend, (64, 64), np.float32, seed=3)
-    idle = backend.run_if_idle(get_op("add"), a, b, RunOptions())
-    assert idle is not None and idle.device == "GPU"
-    np.testing.assert_array_equal(idle.array, a + b)
-
-    started, release = threading.Semaphore(0), threading.Event()
-    compute = backend._compute
-
-    def held(*args):
-        started.release()
-        assert release.wait(20)
-        return compute(*args)
-
-    monkeypatch.setattr(backend, "_compute", held)
-    busy = [threading.Thread(target=backend.run, args=(get_op("add"), a, b, RunOptions()))
-            for _ in backend.devices()]  # fmt: skip
-    for thread in busy:  # a request in flight on every GPU
-        thread.start()
-        assert started.acquire(timeout=20)
-    try:
-        assert backend.run_if_idle(get_op("add"), a, b, RunOptions()) is None
-    finally:
-        release.set()
-        for thread in busy:
-            thread.join()
-    monkeypatch.setattr(backend, "_compute", compute)
-    again = backend.run_if_idle(get_op("multiply"), a, b, RunOptions())
-    assert again is not None
-    np.testing.assert_array_equal(again.array, a * b)
+    check_run_if_idle(backend, monkeypatch, a, b, hold="_compute", busy_op="add",
+                      again_op="multiply")  # fmt: skip

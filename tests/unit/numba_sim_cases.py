@@ -26,6 +26,7 @@ import numpy as np
 
 cuda = pytest.importorskip("numba.cuda")
 
+from backend_cases import check_run_if_idle  # noqa: E402
 from gpu_matrix_service.backends import numba_cuda, numba_kernels, numba_memory  # noqa: E402
 from gpu_matrix_service.backends.base import BackendUnavailable, RunOptions  # noqa: E402
 from gpu_matrix_service.backends.numba_cuda import NumbaBackend  # noqa: E402
@@ -276,35 +277,7 @@ def test_concurrent_requests_from_threads_all_get_their_own_answer(backend):
 def test_run_if_idle_computes_on_an_idle_gpu_and_declines_while_every_gpu_is_busy(monkeypatch):
     be = NumbaBackend(Settings())
     a, b = random_operands((4, 5), np.float32, seed=7)
-    idle = be.run_if_idle(get_op("add"), a, b, RunOptions())
-    assert idle is not None and idle.device == "GPU"
-    np.testing.assert_array_equal(idle.array, a + b)
-
-    started, release = threading.Event(), threading.Event()
-    compute = be._compute
-
-    def held(*args):
-        started.set()
-        assert release.wait(20)
-        return compute(*args)
-
-    monkeypatch.setattr(be, "_compute", held)
-    busy = [threading.Thread(target=be.run, args=(get_op("add"), a, b, RunOptions()))
-            for _ in be.devices()]  # fmt: skip
-    for t in busy:  # one request in flight on each device (the least busy one each time)
-        t.start()
-        assert started.wait(20)
-        started.clear()
-    try:
-        assert be.run_if_idle(get_op("add"), a, b, RunOptions()) is None
-    finally:
-        release.set()
-        for t in busy:
-            t.join()
-    monkeypatch.setattr(be, "_compute", compute)
-    again = be.run_if_idle(get_op("multiply"), a, b, RunOptions())
-    assert again is not None
-    np.testing.assert_array_equal(again.array, a * b)
+    check_run_if_idle(be, monkeypatch, a, b, hold="_compute", busy_op="add", again_op="multiply")
     be.close()
 
 

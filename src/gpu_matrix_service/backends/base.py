@@ -8,12 +8,13 @@ imports a backend module, only :mod:`gpu_matrix_service.backends.registry`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from gpu_matrix_service.errors import DeviceOutOfMemory
 from gpu_matrix_service.ops import Op
 
 DeviceKind = Literal["GPU", "CPU"]
@@ -135,3 +136,17 @@ def take_device(devices: Sequence[LoadT], idle_only: bool = False) -> LoadT | No
     device.in_flight += 1
     device.served += 1
     return device
+
+
+def run_while_first(device: LoadT | None, run: Callable[[LoadT], Result]) -> Result | None:
+    """``run(device)`` on a device :func:`take_device` gave with ``idle_only`` (None: none
+    was idle), then its ``first`` lock released. Out of memory gives None: freeing the cache
+    and retrying is a worker thread's job (the backend's ``run``)."""
+    if device is None:
+        return None
+    try:
+        return run(device)
+    except DeviceOutOfMemory:
+        return None
+    finally:
+        device.first.release()

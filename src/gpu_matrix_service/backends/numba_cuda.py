@@ -35,6 +35,7 @@ from gpu_matrix_service.backends.base import (
     DeviceKind,
     Result,
     RunOptions,
+    run_while_first,
     take_device,
 )
 from gpu_matrix_service.backends.numba_memory import (
@@ -267,15 +268,10 @@ class NumbaBackend:
         (or on out of memory: a worker's :meth:`run` frees the cache and retries). A
         request that takes the device meanwhile waits for this one (``_Gpu.first``)."""
         self._check_dtype(op, a, b)
-        gpu = self._acquire(idle_only=True)
-        if gpu is None:
-            return None
-        try:
-            return self._run_counted(gpu, op, a, b, retry=False)
-        except DeviceOutOfMemory:
-            return None  # freeing the cache and retrying is a worker thread's job (run)
-        finally:
-            gpu.first.release()
+        return run_while_first(
+            self._acquire(idle_only=True),
+            lambda gpu: self._run_counted(gpu, op, a, b, retry=False),
+        )
 
     def _check_dtype(self, op: Op, a: np.ndarray, b: np.ndarray) -> None:
         if not self.supports(op, a.dtype) or a.dtype != b.dtype:

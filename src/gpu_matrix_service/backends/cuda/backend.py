@@ -22,6 +22,7 @@ from gpu_matrix_service.backends.base import (
     DeviceKind,
     Result,
     RunOptions,
+    run_while_first,
     take_device,
 )
 from gpu_matrix_service.backends.cuda import binding
@@ -194,15 +195,10 @@ class CudaBackend:
         runs waits for it (``GpuDevice.first``). Out of memory gives None: a worker's
         :meth:`run` frees the cache and retries."""
         self._check_dtype(op, a, b)
-        device = self._take_device(idle_only=True)
-        if device is None:
-            return None
-        try:
-            return self._run_on(device, op, a, b, options, retry=False)
-        except DeviceOutOfMemory:
-            return None  # freeing the cache and retrying is a worker thread's job (run)
-        finally:
-            device.first.release()
+        return run_while_first(
+            self._take_device(idle_only=True),
+            lambda device: self._run_on(device, op, a, b, options, retry=False),
+        )
 
     def _check_dtype(self, op: Op, a: np.ndarray, b: np.ndarray) -> None:
         if not (self.supports(op, a.dtype) and a.dtype == b.dtype):
