@@ -1,6 +1,9 @@
-"""On a GPU machine: spread of the float32 4096^2 add over 40 runs for several chunk sizes."""
+"""On a GPU machine: spread of the float32 4096^2 add over 40 runs for several chunk sizes, and
+where the zero-copy kernel stops paying: host time of one small add through each path."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -12,8 +15,34 @@ from gpu_matrix_service.settings import Settings
 MiB = 1024 * 1024
 
 
+def zero_copy_crossover(backend: cuda_backend.CudaBackend) -> None:
+    """Median host time of ``backend.run`` (what the caller's thread waits) per path and size."""
+    rng, default = np.random.default_rng(1), cuda_backend.ZERO_COPY_BYTES
+    print("float32 add, per operand | zero copy p50 | pipeline p50 (us, host clock)")
+    for kib in (16, 64, 128, 256, 512, 1024, 4096):
+        count = kib * 1024 // 4
+        sets = [[backend.empty_host((count,), np.float32) for _ in range(2)] for _ in range(4)]
+        for a, b in sets:
+            a[...], b[...] = rng.standard_normal((2, count))
+        medians = []
+        for limit in (1 << 62, 0):
+            cuda_backend.ZERO_COPY_BYTES = limit
+            seconds = []
+            for i in range(400):
+                a, b = sets[i % len(sets)]
+                start = time.perf_counter()
+                result = backend.run(OPS["add"], a, b, RunOptions())
+                seconds.append(time.perf_counter() - start)
+                if i == 0:
+                    np.testing.assert_array_equal(result.array, a + b)
+            medians.append(float(np.median(seconds[50:])) * 1e6)
+        print(f"{kib:6d} KiB | {medians[0]:9.1f} | {medians[1]:9.1f}")
+    cuda_backend.ZERO_COPY_BYTES = default
+
+
 def main() -> None:
     backend = cuda_backend.CudaBackend(Settings(_env_file=None, backend="cuda"))
+    zero_copy_crossover(backend)
     a, b = (backend.empty_host((4096, 4096), np.float32) for _ in range(2))
     a[...], b[...] = np.random.default_rng(0).standard_normal((2, 4096, 4096))
     for chunk_mib, pieces in ((2, 32), (4, 16), (8, 8), (16, 4), (32, 2)):

@@ -138,6 +138,44 @@ def test_non_contiguous_inputs(backend, rng, view):
     assert relative_error(got, left @ right) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("op_name", ELEMENTWISE)
+def test_small_operands_take_the_zero_copy_kernel_up_to_its_limit(backend, rng, op_name, dtype):
+    from gpu_matrix_service.backends.cuda.backend import ZERO_COPY_BYTES
+
+    op, itemsize = OPS[op_name], np.dtype(dtype).itemsize
+    most = ZERO_COPY_BYTES // itemsize
+    for count, zero_copy in [(most, True), (most + 1, False), (4099, True)]:
+        a = backend.empty_host((count,), dtype)  # pinned: read in place
+        a[...] = random_array(rng, count, dtype)
+        b = np.empty(count + 1, dtype)[1:]  # pageable and not 16-byte aligned: staged
+        b[...] = random_array(rng, count, dtype)
+        poison_pinned_pool(backend, (count,), dtype)
+        result = backend.run(op, a, b, RunOptions())
+        np.testing.assert_array_equal(result.array, op.reference(a, b))
+        # The zero-copy kernel moves the bytes itself: no copy phases.
+        assert (result.timings["h2d"] == 0.0) is zero_copy
+        assert result.timings["kernel"] > 0 and result.timings["total"] > 0
+
+
+def test_zero_copy_writes_a_pageable_result_through_staging_and_refuses_large_operands(rng):
+    from gpu_matrix_service.backends.cuda.binding import LIBRARY_NAME, PACKAGE_DIR, KernelLibrary
+
+    library = KernelLibrary(PACKAGE_DIR / LIBRARY_NAME)
+    context = library.context_create(0)
+    try:
+        a, b = random_array(rng, (64, 64), np.float32), random_array(rng, (64, 64), np.float32)
+        out = np.full((64, 64), np.nan, np.float32)  # pageable, as when pinning fails
+        timings = library.elementwise_zero_copy(context, "subtract", a, b, out)
+        np.testing.assert_array_equal(out, a - b)
+        assert timings["total"] > 0
+        big = np.zeros(8 * MiB // 4 + 1, np.float32)  # more than a staging buffer
+        with pytest.raises(BackendFailure, match="bad arguments"):
+            library.elementwise_zero_copy(context, "add", big, big, big.copy())
+    finally:
+        library.context_destroy(context)
+
+
 def test_large_pageable_inputs_stream_through_staging(backend, rng):
     a, b = random_array(rng, (3000, 3000), np.int64), random_array(rng, (3000, 3000), np.int64)
     np.testing.assert_array_equal(backend.run(OPS["multiply"], a, b, RunOptions()).array, a * b)

@@ -94,6 +94,7 @@ _SIGNATURES: Final[dict[str, list[type]]] = {
         _int,
         _double_p,
     ],
+    "gms_elementwise_zero_copy": [_ptr, _int, _int, _ptr, _ptr, _ptr, _size, _double_p],
     "gms_matmul": [_ptr, _int, _int, _ptr, _ptr, _ptr, *[_size] * 4, _ptr, _ptr, _ptr, _double_p],
     "gms_naive_add": [_int, _ptr, _ptr, _ptr, _int, _int, _double_p],
     "gms_bench_copy": [_int, _int, _size, _int, _double_p],
@@ -253,6 +254,28 @@ class KernelLibrary:
             chunk_elems,
             device_buffers,
             slots,
+            timings,
+        )
+        return _timings(timings)
+
+    def elementwise_zero_copy(
+        self, context: int, op: str, a: np.ndarray, b: np.ndarray, out: np.ndarray
+    ) -> dict[str, float]:
+        """``out = a op b`` by one kernel that reads and writes the host arrays itself (pinned
+        ones in place, others through the context's staging buffers); timings in seconds.
+
+        ``a``, ``b`` and ``out`` are C-contiguous, of one size and dtype, at most 8 MiB each.
+        """
+        timings = (ctypes.c_double * 4)()
+        self._call(
+            "gms_elementwise_zero_copy",
+            context,
+            OP_CODES[op],
+            DTYPE_CODES[a.dtype],
+            a.ctypes.data,
+            b.ctypes.data,
+            out.ctypes.data,
+            a.size,
             timings,
         )
         return _timings(timings)

@@ -199,53 +199,55 @@ struct alignas(16) Pack {
   T v[16 / sizeof(T)];
 };
 
-// inout = inout OP other, over n elements; both pointers 16-byte aligned (cudaMalloc'd).
+// out = a OP b, over n elements; all three 16-byte aligned (cudaMalloc'd, or pinned blocks).
+// The pipeline computes in place (out == a); the zero-copy path reads and writes host memory.
 template <int OpCode, typename T>
-__global__ void elementwise_inplace(T* inout, const T* __restrict__ other, size_t n) {
+__global__ void elementwise(T* out, const T* a, const T* __restrict__ b, size_t n) {
   constexpr size_t kWidth = 16 / sizeof(T);
   const size_t packs = n / kWidth;
   const size_t first = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  Pack<T>* x = reinterpret_cast<Pack<T>*>(inout);
-  const Pack<T>* y = reinterpret_cast<const Pack<T>*>(other);
+  Pack<T>* z = reinterpret_cast<Pack<T>*>(out);
+  const Pack<T>* x = reinterpret_cast<const Pack<T>*>(a);
+  const Pack<T>* y = reinterpret_cast<const Pack<T>*>(b);
   for (size_t i = first; i < packs; i += stride) {
-    Pack<T> a = x[i];
-    const Pack<T> b = y[i];
+    Pack<T> u = x[i];
+    const Pack<T> v = y[i];
 #pragma unroll
-    for (size_t j = 0; j < kWidth; ++j) a.v[j] = apply<OpCode>(a.v[j], b.v[j]);
-    x[i] = a;
+    for (size_t j = 0; j < kWidth; ++j) u.v[j] = apply<OpCode>(u.v[j], v.v[j]);
+    z[i] = u;
   }
   const size_t tail = packs * kWidth + first;  // the last n % kWidth elements, one per thread
-  if (tail < n) inout[tail] = apply<OpCode>(inout[tail], other[tail]);
+  if (tail < n) out[tail] = apply<OpCode>(a[tail], b[tail]);
 }
 
 template <int OpCode, typename T>
-static void launch_elementwise(void* inout, const void* other, size_t n, int sm_count,
+static void launch_elementwise(void* out, const void* a, const void* b, size_t n, int sm_count,
                                cudaStream_t stream) {
   const size_t packs = std::max<size_t>(n / (16 / sizeof(T)), 1);
   const size_t wanted = (packs + kThreads - 1) / kThreads;
   // A grid-stride loop over at most 8 blocks per SM: enough to keep every SM's loads in
   // flight, without a block per element for large chunks.
   const unsigned blocks = static_cast<unsigned>(std::min<size_t>(wanted, size_t(sm_count) * 8));
-  elementwise_inplace<OpCode, T><<<blocks, kThreads, 0, stream>>>(
-      static_cast<T*>(inout), static_cast<const T*>(other), n);
+  elementwise<OpCode, T><<<blocks, kThreads, 0, stream>>>(
+      static_cast<T*>(out), static_cast<const T*>(a), static_cast<const T*>(b), n);
 }
 
 template <typename T>
-static void launch_op(int op, void* inout, const void* other, size_t n, int sm_count,
+static void launch_op(int op, void* out, const void* a, const void* b, size_t n, int sm_count,
                       cudaStream_t stream) {
-  if (op == OP_ADD) launch_elementwise<OP_ADD, T>(inout, other, n, sm_count, stream);
-  if (op == OP_SUBTRACT) launch_elementwise<OP_SUBTRACT, T>(inout, other, n, sm_count, stream);
-  if (op == OP_MULTIPLY) launch_elementwise<OP_MULTIPLY, T>(inout, other, n, sm_count, stream);
+  if (op == OP_ADD) launch_elementwise<OP_ADD, T>(out, a, b, n, sm_count, stream);
+  if (op == OP_SUBTRACT) launch_elementwise<OP_SUBTRACT, T>(out, a, b, n, sm_count, stream);
+  if (op == OP_MULTIPLY) launch_elementwise<OP_MULTIPLY, T>(out, a, b, n, sm_count, stream);
 }
 
-static void launch_dtype(int dtype, int op, void* inout, const void* other, size_t n,
+static void launch_dtype(int dtype, int op, void* out, const void* a, const void* b, size_t n,
                          int sm_count, cudaStream_t stream) {
   switch (dtype) {
-    case DT_FLOAT32: launch_op<float>(op, inout, other, n, sm_count, stream); break;
-    case DT_FLOAT64: launch_op<double>(op, inout, other, n, sm_count, stream); break;
-    case DT_INT32: launch_op<int32_t>(op, inout, other, n, sm_count, stream); break;
-    case DT_INT64: launch_op<int64_t>(op, inout, other, n, sm_count, stream); break;
+    case DT_FLOAT32: launch_op<float>(op, out, a, b, n, sm_count, stream); break;
+    case DT_FLOAT64: launch_op<double>(op, out, a, b, n, sm_count, stream); break;
+    case DT_INT32: launch_op<int32_t>(op, out, a, b, n, sm_count, stream); break;
+    case DT_INT64: launch_op<int64_t>(op, out, a, b, n, sm_count, stream); break;
   }
 }
 
@@ -496,7 +498,7 @@ static int elementwise_pipeline(DeviceContext* c, int op, int dtype, const char*
 
     CUDA_CHECK(cudaStreamWaitEvent(c->compute, slot.loaded, 0));
     TRY(phase_begin(c, &t.kernel, c->compute, err, errlen));
-    LAUNCH_CHECK(launch_dtype(dtype, op, dev_a, dev_b, count, c->sm_count, c->compute));
+    LAUNCH_CHECK(launch_dtype(dtype, op, dev_a, dev_a, dev_b, count, c->sm_count, c->compute));
     TRY(phase_end(&t.kernel, c->compute, err, errlen));
     CUDA_CHECK(cudaEventRecord(slot.computed, c->compute));
 
@@ -536,6 +538,54 @@ GMS_API int gms_elementwise(void* handle, int op, int dtype, const void* a, cons
                                     static_cast<const char*>(b), static_cast<char*>(out), n,
                                     chunk_elems, buffers, slots, timings, err, errlen);
   return finish_request(c, status, err, errlen);
+}
+
+// Where the kernel can reach host memory `p` of `bytes` bytes: `p` itself when it is pinned
+// (with unified addressing a pinned pointer is valid on the device) and 16-byte aligned, else
+// the staging buffer `s`, into which `p`'s bytes are copied first when `copy_in`.
+static const void* reachable(const void* p, size_t bytes, Staging& s, bool copy_in) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 == 0 && is_pinned(p)) return p;
+  if (copy_in) memcpy(s.host, p, bytes);
+  return s.host;
+}
+
+// out = a OP b over n elements (n * dtype size at most kStagingBytes), the kernel reading a
+// and b from host memory and writing out there itself. For small operands this "zero copy"
+// saves the pipeline's fixed costs: two copies in, one out, their events and the hand-offs
+// between three streams (docs/cuda-backend.md). timings as gms_elementwise's, timed on the
+// host: the copies are inside the kernel (h2d and d2h 0).
+GMS_API int gms_elementwise_zero_copy(void* handle, int op, int dtype, const void* a,
+                                      const void* b, void* out, size_t n, double* timings,
+                                      char* err, size_t errlen) {
+  const size_t bytes = n * dtype_size(dtype);
+  if (handle == nullptr || op < OP_ADD || op > OP_MULTIPLY || bytes == 0 ||
+      bytes > kStagingBytes) {
+    return report(err, errlen, GMS_ERR_INVALID_ARGUMENT,
+                  "gms_elementwise_zero_copy: bad arguments (op %d, dtype %d, n %zu)", op, dtype,
+                  n);
+  }
+  DeviceContext* c = static_cast<DeviceContext*>(handle);
+  std::lock_guard<std::mutex> lock(c->mutex);
+  CUDA_CHECK(cudaSetDevice(c->ordinal));
+  cudaGetLastError();
+  const auto start = std::chrono::steady_clock::now();
+  // The staging buffers are idle: every request ends with its streams synchronized.
+  const void* dev_a = reachable(a, bytes, c->staging[0], true);
+  const void* dev_b = reachable(b, bytes, c->staging[1], true);
+  void* dev_out = const_cast<void*>(reachable(out, bytes, c->staging[2], false));
+  cudaError_t e = (launch_dtype(dtype, op, dev_out, dev_a, dev_b, n, c->sm_count, c->compute),
+                   cudaGetLastError());
+  int status = e == cudaSuccess ? 0 : report_cuda(e, "elementwise kernel", __LINE__, err, errlen);
+  status = finish_request(c, status, err, errlen);
+  if (status != 0) return status;
+  if (dev_out != out) memcpy(out, dev_out, bytes);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  timings[0] = 0.0;
+  timings[1] = seconds;
+  timings[2] = 0.0;
+  timings[3] = seconds;
+  return 0;
 }
 
 // Row-major C (m x n) = A (m x k) B (k x n) is column-major C^T = B^T A^T, which is what cuBLAS
