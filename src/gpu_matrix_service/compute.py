@@ -31,6 +31,7 @@ from gpu_matrix_service.errors import (
 )
 from gpu_matrix_service.ops import Op, plan
 from gpu_matrix_service.settings import Settings
+from gpu_matrix_service.zip_records import decode_in_one_piece
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,11 @@ class ComputeService:
         """A decoder for one uploaded file of at most ``most_bytes``, writing into the
         backend's host memory."""
         return ArrayStream(name, self.limits, self._allocate, most_bytes, self._upload_pool)
+
+    def decode_in_one_piece(self, name: str, data: memoryview) -> np.ndarray | None:
+        """A whole uploaded file's array in the backend's host memory, when numpy's own
+        layout makes that a few steps; None leaves it to :meth:`open_stream`'s decoder."""
+        return decode_in_one_piece(data, name=name, limits=self.limits, allocate=self._allocate)
 
     async def compute(
         self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions, ticket: Ticket

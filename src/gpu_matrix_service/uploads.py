@@ -30,6 +30,7 @@ from python_multipart.multipart import parse_options_header
 
 from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.errors import BadRequest, PayloadTooLarge, ServiceError
+from gpu_matrix_service.whole_body import WHOLE_BODY_BYTES, split_whole_body
 
 # Canonical operand field names, used in this order when both are present.
 CANONICAL_FIELDS: Final = ("file_a", "file_b")
@@ -40,6 +41,8 @@ MAX_TEXT_FIELD_BYTES: Final = 1024
 MAX_HEADER_BYTES: Final = 16 * 1024
 # Shorter stretches of array data are searched on the event loop like any part content.
 MIN_PLAIN_STRETCH: Final = 4096
+# decode(name, data): a whole file's array, or None to leave it to an ArrayStream.
+WholeFileDecoder = Callable[[str, memoryview], np.ndarray | None]
 
 
 class UnsupportedMediaType(ServiceError):
@@ -290,13 +293,7 @@ class MultipartSplitter:
     def _start_part(self, block: bytes) -> None:
         if len(self.parts) >= MAX_PARTS:
             raise BadRequest(f"too many parts in the upload (more than {MAX_PARTS})")
-        headers = {}
-        for line in block.split(b"\r\n"):
-            key, sep, value = line.partition(b":")
-            if sep:
-                headers[key.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        name, filename = _form_data_names(headers.get("content-disposition"))
-        part = Part(name=name, filename=filename, content_type=headers.get("content-type"))
+        part = part_from_headers(block)
         if part.is_file:
             if self._files >= self.max_files:
                 # Refused before a decoder (and its memory) exists for it.
@@ -316,6 +313,47 @@ class MultipartSplitter:
         """Check the body ended with its closing delimiter."""
         if self._state is not _State.EPILOGUE:
             raise BadRequest("malformed multipart body: it ends before its closing boundary")
+
+
+def part_from_headers(block: bytes) -> Part:
+    """A part (without content yet) from its header block; 400 without a form-data name."""
+    headers = {}
+    for line in block.split(b"\r\n"):
+        key, sep, value = line.partition(b":")
+        if sep:
+            headers[key.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    name, filename = _form_data_names(headers.get("content-disposition"))
+    return Part(name=name, filename=filename, content_type=headers.get("content-type"))
+
+
+def read_whole_body(
+    body: bytes, boundary: bytes, decode: WholeFileDecoder, max_files: int = 2
+) -> Upload | None:
+    """The upload of a body that arrived whole, its files decoded by ``decode(name, data)``
+    (None to decline), or None when anything about it is left to :class:`MultipartSplitter`,
+    which words every error; the first it would meet is the one raised here, if any."""
+    start = time.perf_counter()
+    pieces = split_whole_body(
+        body, boundary, max_parts=MAX_PARTS, max_header_bytes=MAX_HEADER_BYTES
+    )
+    if pieces is None:
+        return None
+    parts: list[Part] = []
+    files = 0
+    for block, content in pieces:
+        # A part without a name raises the splitter's own 400: it would meet that part next.
+        part = part_from_headers(block)
+        if part.is_file:
+            files += 1
+            part.array = decode(part.name, content) if files <= max_files else None
+            if part.array is None:
+                return None
+        elif len(content) > MAX_TEXT_FIELD_BYTES:
+            return None
+        else:
+            part.text += content
+        parts.append(part)
+    return Upload(parts, len(body), time.perf_counter() - start)
 
 
 def _boundary_inside(name: str) -> BadRequest:
@@ -381,8 +419,11 @@ async def read_multipart(
     content_length: str | None,
     max_bytes: int,
     open_file: Callable[[str, int], ArrayStream],
+    decode_whole: WholeFileDecoder | None = None,
 ) -> Upload:
-    """Parse a streamed ``multipart/form-data`` body, decoding file parts as they arrive.
+    """Parse a streamed ``multipart/form-data`` body, decoding file parts as they arrive;
+    a small body that arrives in one chunk is read by :func:`read_whole_body` with
+    ``decode_whole`` when it can be.
 
     Raises :class:`PayloadTooLarge` when ``Content-Length`` or the bytes received exceed
     ``max_bytes``, :class:`UnsupportedMediaType` or :class:`BadRequest` for a malformed body,
@@ -394,16 +435,22 @@ async def read_multipart(
         raise PayloadTooLarge(
             f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}"
         )
-    splitter = MultipartSplitter(
-        boundary, open_file, int(declared) if declared.isdigit() else max_bytes
-    )
-    received = 0
+    expected = int(declared) if declared.isdigit() else None
+    splitter = MultipartSplitter(boundary, open_file, max_bytes if expected is None else expected)
+    whole = decode_whole is not None and expected is not None and expected <= WHOLE_BODY_BYTES
+    received, upload = 0, None
     try:
         async for chunk in chunks:
             received += len(chunk)
             if received > max_bytes:
                 raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-            splitter.feed(chunk)
+            if whole and received == len(chunk) == expected:
+                assert decode_whole is not None
+                upload = read_whole_body(bytes(chunk), boundary, decode_whole)
+            if upload is None:
+                splitter.feed(chunk)
+        if upload is not None:
+            return upload
         splitter.close()
     except BaseException:  # a bad body, a disconnect, a timeout: stop the checks
         splitter.abandon()

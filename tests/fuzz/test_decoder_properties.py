@@ -675,21 +675,26 @@ def parse(
     content_length: str | None,
     max_bytes: int,
     pool: Executor | None = None,
+    whole: bool = False,
 ) -> Upload | ServiceError:
     """What the route makes of the body: an Upload whose files are decoded, or a ServiceError.
 
     As ``routes/ops.py`` does, ``read_multipart`` then ``operands`` (here: all of the files).
-    ``pool``: where the decoders check large arrays (the service's upload threads).
+    ``pool``: where the decoders check large arrays (the service's upload threads); ``whole``:
+    a body that came in one chunk may be read whole, as the route lets it.
     """
 
     def open_file(name: str, most: int) -> ArrayStream:
         return ArrayStream(name, LIMITS, most_bytes=most, pool=pool)
 
+    def decode_whole(name: str, data: memoryview) -> np.ndarray | None:
+        return decode_in_one_piece(data, name=name, limits=LIMITS, allocate=np.empty)
+
     try:
         upload = asyncio.run(
             read_multipart(stream(chunks), content_type=content_type,
                            content_length=content_length, max_bytes=max_bytes,
-                           open_file=open_file)
+                           open_file=open_file, decode_whole=decode_whole if whole else None)
         )  # fmt: skip
         asyncio.run(upload.operands(len(upload.files)))
     except ServiceError as exc:
@@ -805,6 +810,31 @@ def test_uploads_checked_off_the_loop_parse_as_they_do_on_it(upload_pool, upload
             assert ours.array is not None
             assert ours.array.dtype == theirs.array.dtype
             assert ours.array.shape == theirs.array.shape
+            assert ours.array.tobytes() == theirs.array.tobytes()
+
+
+@settings(FUZZ, max_examples=250)
+@given(malformed_uploads())
+def test_bodies_read_whole_parse_as_the_splitter_parses_them(upload):
+    # Any body, in one chunk of its declared length: read whole, the same parts and arrays as
+    # the splitter's, or exactly the splitter's refusal (every error is left to it).
+    chunks, content_type, _, max_bytes = upload
+    body = b"".join(chunks)
+    note(f"body: {body!r}, content type {content_type!r}")
+    split = parse([body], content_type, str(len(body)), max_bytes)
+    whole = parse([body], content_type, str(len(body)), max_bytes, whole=True)
+    if isinstance(split, ServiceError):
+        assert (type(whole), getattr(whole, "detail", None)) == (type(split), split.detail)
+        return
+    assert isinstance(whole, Upload), whole
+    assert whole.body_bytes == split.body_bytes
+    assert [(p.name, p.filename, p.content_type, bytes(p.text)) for p in whole.parts] == [
+        (p.name, p.filename, p.content_type, bytes(p.text)) for p in split.parts
+    ]
+    for ours, theirs in zip(whole.parts, split.parts, strict=True):
+        if theirs.array is not None:
+            assert ours.array is not None
+            assert (ours.array.dtype, ours.array.shape) == (theirs.array.dtype, theirs.array.shape)
             assert ours.array.tobytes() == theirs.array.tobytes()
 
 
