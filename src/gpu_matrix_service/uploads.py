@@ -317,6 +317,13 @@ class MultipartSplitter:
 
 def part_from_headers(block: bytes) -> Part:
     """A part (without content yet) from its header block; 400 without a form-data name."""
+    plain = PLAIN_PART_HEADERS.fullmatch(block)
+    if plain is not None:
+        name, filename, content_type = (
+            None if value is None else value.decode("latin-1") for value in plain.groups()
+        )
+        assert name is not None
+        return Part(_utf8(name), None if filename is None else _utf8(filename), content_type)
     headers = {}
     for line in block.split(b"\r\n"):
         key, sep, value = line.partition(b":")
@@ -365,6 +372,14 @@ def _boundary_inside(name: str) -> BadRequest:
 
 # What clients send: form-data; name="a"; filename="a.npz" with nothing to unescape.
 PLAIN_DISPOSITION: Final = re.compile(r'form-data; name="([^"\\]*)"(?:; filename="([^"\\]*)")?')
+
+
+# The header block clients send, read in one step: a Content-Disposition as above, maybe a
+# Content-Type without spaces. Anything else is read line by line (the same answer).
+PLAIN_PART_HEADERS: Final = re.compile(
+    rb'Content-Disposition: form-data; name="([^"\\\r\n]*)"(?:; filename="([^"\\\r\n]*)")?'
+    rb"(?:\r\nContent-Type: (\S+))?"
+)
 
 
 # What clients send: multipart/form-data; boundary=<1 to 70 token characters>.

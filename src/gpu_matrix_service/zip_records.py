@@ -27,6 +27,8 @@ LOCAL_SIGNATURE: Final = b"PK\x03\x04"
 # Records after the members: central directory, zip64 end records, end of central directory.
 TRAILER_SIGNATURES: Final = (b"PK\x01\x02", b"PK\x06\x06", b"PK\x06\x07", b"PK\x05\x06")
 ZIP64_EXTRA_ID: Final = 0x0001
+# A zip64 extra field of one record with both sizes: tag, length 16, size, compressed size.
+ZIP64_BOTH: Final = struct.Struct("<HHQQ")
 STORED, DEFLATED = 0, 8
 # Flags the short way declines: 0x1 encrypted, 0x8 sizes in a trailing data descriptor.
 DECLINED_FLAGS: Final = 0x1 | 0x8
@@ -37,6 +39,10 @@ MOST_INFLATED_BYTES: Final = 1 << 20
 
 def zip64_sizes(extra: bytes | memoryview, packed: int, size: int) -> tuple[int, int]:
     """Sizes from the zip64 extra field where the 32-bit fields say 0xFFFFFFFF."""
+    if len(extra) == ZIP64_BOTH.size and packed == size == 0xFFFFFFFF:
+        tag, length, size_64, packed_64 = ZIP64_BOTH.unpack(extra)
+        if (tag, length) == (ZIP64_EXTRA_ID, 16):  # what numpy.savez writes: one record
+            return packed_64, size_64
     position = 0
     while position + 4 <= len(extra):
         tag, length = struct.unpack_from("<HH", extra, position)

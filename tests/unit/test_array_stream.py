@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
+import struct
 import zipfile
 
 import numpy as np
 import pytest
 
+from gpu_matrix_service import uploads
 from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.errors import BadArrayInput, BadRequest, PayloadTooLarge, ServiceError
 from gpu_matrix_service.uploads import read_multipart
-from gpu_matrix_service.zip_records import decode_in_one_piece
+from gpu_matrix_service.zip_records import decode_in_one_piece, zip64_sizes
 
 from arrayfiles import array_file_cases, npy_bytes, npz_bytes, npz_compressed_bytes, unseekable_npz
 
@@ -302,3 +305,41 @@ def test_an_upload_arriving_whole_is_decoded_in_one_piece_into_the_allocators_ar
     out = stream.finish()
     assert out is given[-1] and len(given) == 1
     np.testing.assert_array_equal(out, a)
+
+
+# ---- the short ways through what numpy and HTTP clients write ----
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b'Content-Disposition: form-data; name="file_a"; filename="a.npz"',
+        b'Content-Disposition: form-data; name="file_a"; filename="a.npz"\r\n'
+        b"Content-Type: application/octet-stream",
+        b'Content-Disposition: form-data; name="note"\r\nContent-Type: text/plain',
+        'Content-Disposition: form-data; name="d\u00e9j\u00e0"; filename="\u00e9.npy"'.encode(),
+        b'content-disposition: form-data; name="a"; filename="b"',  # other spellings: by line
+        b'Content-Disposition:  form-data; name="a"\r\nContent-Type: text/plain; charset=utf-8',
+        b'Content-Type: image/png\r\nContent-Disposition: form-data; name="a"; filename="p"',
+        b'Content-Disposition: form-data; name="a"\r\nContent-Type: x\r\nContent-Type: y',
+        b'Content-Disposition: form-data; name="a"\r\nContent-Type: text/plain \t',  # stripped
+        b'Content-Disposition: form-data; name="a\\"b"; filename="c"',
+    ],
+)
+def test_part_headers_read_in_one_step_as_line_by_line(monkeypatch, block):
+    fast = uploads.part_from_headers(block)
+    monkeypatch.setattr(uploads, "PLAIN_PART_HEADERS", re.compile(b"(?!)"))
+    by_line = uploads.part_from_headers(block)
+    assert (fast.name, fast.filename, fast.content_type) == (
+        by_line.name, by_line.filename, by_line.content_type,
+    )  # fmt: skip
+
+
+def test_zip64_sizes_of_numpys_single_record_and_of_other_extra_fields():
+    both = struct.pack("<HHQQ", 1, 16, 5000, 4000)
+    assert zip64_sizes(both, 0xFFFFFFFF, 0xFFFFFFFF) == (4000, 5000)  # (packed, size)
+    assert zip64_sizes(both, 10, 0xFFFFFFFF) == (10, 5000)  # only the field that overflowed
+    other_tag = struct.pack("<HHQQ", 7, 16, 5000, 4000)
+    assert zip64_sizes(other_tag, 0xFFFFFFFF, 0xFFFFFFFF) == (0xFFFFFFFF, 0xFFFFFFFF)
+    two_records = struct.pack("<HHI", 9, 4, 0) + both
+    assert zip64_sizes(two_records, 0xFFFFFFFF, 0xFFFFFFFF) == (4000, 5000)

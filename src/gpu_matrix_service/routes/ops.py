@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
 from enum import StrEnum
@@ -304,6 +305,12 @@ def json_result(array: np.ndarray) -> list[Any]:
     return values
 
 
+@functools.lru_cache(maxsize=64)
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, remembered: numpy works it out in Python (4 us; ``str(dtype)`` 9 us)."""
+    return dtype.name
+
+
 def _summary(outcome: Result, op: Op, timings: dict[str, float]) -> dict[str, Any]:
     return {
         "matrix_shape": list(outcome.array.shape),
@@ -312,7 +319,7 @@ def _summary(outcome: Result, op: Op, timings: dict[str, float]) -> dict[str, An
         "op": op.name,
         "backend": outcome.backend,
         "device_name": outcome.device_name,
-        "dtype": outcome.array.dtype.name,  # str(dtype) costs 9 us; the same for numeric
+        "dtype": dtype_name(outcome.array.dtype),
         "timings": timings,
     }
 
@@ -337,7 +344,7 @@ async def _array_response(
         outcome.backend,
         op.name,
         ",".join(str(n) for n in outcome.array.shape),
-        outcome.array.dtype.name,
+        dtype_name(outcome.array.dtype),
         json.dumps(timings, separators=(",", ":")),
     )
     return Response(
