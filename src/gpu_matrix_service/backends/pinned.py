@@ -13,8 +13,8 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import sys
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +30,18 @@ Block = tuple[int, int, Any]
 
 class _PinnedOwner:
     """Owns one lent pinned block: NumPy arrays view it through ``__array_interface__`` and
-    keep it as their ``.base``; when the last of them dies, a finalizer returns the block."""
+    keep it as their ``.base``; when the last of them dies, it gives the block back.
 
-    __slots__ = ("__array_interface__", "__weakref__")
+    ``__del__`` rather than ``weakref.finalize``: every array the service decodes into or
+    computes into is one of these (three per small request), and a finalizer took 3 us to
+    register and as much again to run; ``__del__`` costs next to nothing.
+    """
+
+    __slots__ = ("__array_interface__", "_block", "_give_back")
+
+    def __del__(self) -> None:
+        if not sys.is_finalizing():  # at exit the CUDA runtime may already be gone
+            self._give_back(self._block)
 
 
 class PinnedArrayPool:
@@ -59,7 +68,7 @@ class PinnedArrayPool:
         self._free: dict[int, list[Block]] = collections.defaultdict(list)
         self._cached = 0
         self._lent = 0
-        # Finalizers may run on any thread at any moment (even inside this pool's own code),
+        # Owners die on any thread at any moment (even inside this pool's own code),
         # so they only append here (atomic); the blocks are sorted out under the lock later.
         self._returned: collections.deque[Block] = collections.deque()
         self._closed = False
@@ -80,8 +89,7 @@ class PinnedArrayPool:
             "typestr": dtype.str,
             "version": 3,
         }
-        finalizer = weakref.finalize(owner, self._give_back, block)
-        finalizer.atexit = False  # at exit the CUDA runtime may already be gone
+        owner._block, owner._give_back = block, self._give_back
         return np.asarray(owner)
 
     def _acquire(self, nbytes: int) -> Block | None:
@@ -116,7 +124,7 @@ class PinnedArrayPool:
         return address, size, handle
 
     def _give_back(self, block: Block) -> None:
-        # A finalizer: no lock here, it may run inside this pool's own locked code.
+        # From __del__: no lock here, it may run inside this pool's own locked code.
         if self._closed:
             self._unpin(block[2])
             return
