@@ -3,6 +3,7 @@ out-of-memory and steady device memory. Skipped without a GPU (see conftest.py).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import threading
@@ -172,6 +173,12 @@ def test_zero_copy_writes_a_pageable_result_through_staging_and_refuses_large_op
         big = np.zeros(8 * MiB // 4 + 1, np.float32)  # more than a staging buffer
         with pytest.raises(BackendFailure, match="bad arguments"):
             library.elementwise_zero_copy(context, "add", big, big, big.copy())
+        # A count whose byte size wraps around to 8 is refused, not run over 2**62 elements.
+        status = library._lib.gms_elementwise_zero_copy(
+            context, 0, 3, a.ctypes.data, b.ctypes.data, out.ctypes.data, (1 << 62) + 1,
+            (ctypes.c_double * 4)(), None, 0,
+        )  # fmt: skip
+        assert status != 0
     finally:
         library.context_destroy(context)
 

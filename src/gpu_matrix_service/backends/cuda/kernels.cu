@@ -557,13 +557,15 @@ static const void* reachable(const void* p, size_t bytes, Staging& s, bool copy_
 GMS_API int gms_elementwise_zero_copy(void* handle, int op, int dtype, const void* a,
                                       const void* b, void* out, size_t n, double* timings,
                                       char* err, size_t errlen) {
-  const size_t bytes = n * dtype_size(dtype);
-  if (handle == nullptr || op < OP_ADD || op > OP_MULTIPLY || bytes == 0 ||
-      bytes > kStagingBytes) {
+  const size_t elem = dtype_size(dtype);
+  // n is checked before it is multiplied: a huge n must not wrap around to a small size.
+  if (handle == nullptr || op < OP_ADD || op > OP_MULTIPLY || elem == 0 || n == 0 ||
+      n > kStagingBytes / elem) {
     return report(err, errlen, GMS_ERR_INVALID_ARGUMENT,
                   "gms_elementwise_zero_copy: bad arguments (op %d, dtype %d, n %zu)", op, dtype,
                   n);
   }
+  const size_t bytes = n * elem;
   DeviceContext* c = static_cast<DeviceContext*>(handle);
   std::lock_guard<std::mutex> lock(c->mutex);
   CUDA_CHECK(cudaSetDevice(c->ordinal));
