@@ -452,16 +452,16 @@ async def read_multipart(
         )
     expected = int(declared) if declared.isdigit() else None
     splitter = MultipartSplitter(boundary, open_file, max_bytes if expected is None else expected)
-    whole = decode_whole is not None and expected is not None and expected <= WHOLE_BODY_BYTES
+    small = expected is not None and expected <= WHOLE_BODY_BYTES
+    whole_decoder = decode_whole if small else None
     received, upload = 0, None
     try:
         async for chunk in chunks:
             received += len(chunk)
             if received > max_bytes:
                 raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-            if whole and received == len(chunk) == expected:
-                assert decode_whole is not None
-                upload = read_whole_body(bytes(chunk), boundary, decode_whole)
+            if whole_decoder is not None and received == len(chunk) == expected:
+                upload = read_whole_body(bytes(chunk), boundary, whole_decoder)
             if upload is None:
                 splitter.feed(chunk)
         if upload is not None:

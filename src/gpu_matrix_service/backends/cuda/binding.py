@@ -245,12 +245,7 @@ class KernelLibrary:
         self._call(
             "gms_elementwise",
             context,
-            OP_CODES[op],
-            DTYPE_CODES[a.dtype],
-            a.ctypes.data,
-            b.ctypes.data,
-            out.ctypes.data,
-            a.size,
+            *_elementwise_operands(op, a, b, out),
             chunk_elems,
             device_buffers,
             slots,
@@ -268,15 +263,7 @@ class KernelLibrary:
         """
         timings = (ctypes.c_double * 4)()
         self._call(
-            "gms_elementwise_zero_copy",
-            context,
-            OP_CODES[op],
-            DTYPE_CODES[a.dtype],
-            a.ctypes.data,
-            b.ctypes.data,
-            out.ctypes.data,
-            a.size,
-            timings,
+            "gms_elementwise_zero_copy", context, *_elementwise_operands(op, a, b, out), timings
         )
         return _timings(timings)
 
@@ -340,6 +327,20 @@ class KernelLibrary:
         code = DTYPE_CODES[np.dtype(dtype)]
         self._call("gms_bench_gemm", ordinal, code, int(allow_tf32), n, iterations, seconds)
         return list(seconds)
+
+
+def _elementwise_operands(
+    op: str, a: np.ndarray, b: np.ndarray, out: np.ndarray
+) -> tuple[int, int, int, int, int, int]:
+    """What both elementwise entry points take first: op, dtype, a, b, out, element count."""
+    return (
+        OP_CODES[op],
+        DTYPE_CODES[a.dtype],
+        a.ctypes.data,
+        b.ctypes.data,
+        out.ctypes.data,
+        a.size,
+    )
 
 
 def _timings(values: ctypes.Array[ctypes.c_double]) -> dict[str, float]:
