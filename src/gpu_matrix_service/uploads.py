@@ -279,13 +279,17 @@ class MultipartSplitter:
                 self._start_part(chunk[position:end])
                 return end + 4
         before = len(self._pending)
-        # Header blocks are small: look in the next few KiB only, never copy a whole chunk.
-        self._pending += chunk[position : position + MAX_HEADER_BYTES]
+        # A block and its blank line fit in MAX_HEADER_BYTES, as in the one-chunk search
+        # above: gather at most that, never a whole chunk.
+        taken = chunk[position : position + MAX_HEADER_BYTES - before]
+        self._pending += taken
         end = self._pending.find(b"\r\n\r\n", max(0, before - 3))
         if end == -1:
-            if len(self._pending) > MAX_HEADER_BYTES:
-                raise BadRequest("malformed multipart body: part headers too long")
-            return len(chunk)
+            if len(self._pending) >= MAX_HEADER_BYTES:  # no room left for the blank line
+                raise BadRequest(
+                    f"malformed multipart body: part headers longer than {MAX_HEADER_BYTES} bytes"
+                )
+            return position + len(taken)  # the chunk's end: it had fewer bytes than that
         block, self._pending = bytes(self._pending[:end]), bytearray()
         self._start_part(block)
         return position + end + 4 - before

@@ -186,6 +186,39 @@ def test_a_part_shorter_than_its_header_declares_is_a_4xx(rng, chunk):
         operands(read(body, chunk))
 
 
+def padded_part(pad: int, content: bytes, name: str = "file_a") -> bytes:
+    """A file part whose header block (an X-Pad line first) is ``pad`` bytes long."""
+    disposition = f'Content-Disposition: form-data; name="{name}"; filename="a.npy"'.encode()
+    filler = b"X-Pad: " + b"p" * (pad - len(disposition) - len(b"X-Pad: \r\n"))
+    block = filler + b"\r\n" + disposition
+    assert len(block) == pad
+    return b"--b0undary\r\n" + block + b"\r\n\r\n" + content + b"\r\n"
+
+
+LONGEST_BLOCK = uploads.MAX_HEADER_BYTES - 4  # the block and its blank line fill the limit
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 16 * 1024 + 21, 1 << 20])
+def test_a_header_block_at_the_limit_is_read_whole_in_any_chunking(rng, chunk):
+    a, b = rng.standard_normal(5), rng.standard_normal(5)
+    body = padded_part(LONGEST_BLOCK, npy_bytes(a)) + padded_part(100, npy_bytes(b), "file_b")
+    body += b"--b0undary--\r\n"
+    first, second = operands(read(body, chunk))
+    np.testing.assert_array_equal(first.array, a)
+    np.testing.assert_array_equal(second.array, b)
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 16 * 1024 + 21, 1 << 20])
+def test_a_header_block_over_the_limit_is_400_in_any_chunking(rng, chunk):
+    # Once a chunk holding more than the limit dropped its rest and the block was taken
+    # from the bytes around the gap; the limit was checked only while no blank line came.
+    a = rng.standard_normal(5)
+    body = padded_part(LONGEST_BLOCK + 1, npy_bytes(a)) + padded_part(100, npy_bytes(a), "file_b")
+    body += b"--b0undary--\r\n"
+    with pytest.raises(BadRequest, match="part headers longer than 16384 bytes"):
+        read(body, chunk)
+
+
 def test_a_body_without_its_closing_delimiter_is_400(rng):
     body = multipart([("file_a", "a.npy", npy_bytes(rng.standard_normal(3)))])
     with pytest.raises(BadRequest, match="closing boundary"):
