@@ -4,11 +4,13 @@ pools over a fake library (no GPU needed)."""
 from __future__ import annotations
 
 import gc
+import threading
 
 import numpy as np
 import pytest
 
 from gpu_matrix_service.backends.base import least_busy_device, take_device
+from gpu_matrix_service.backends.cuda import binding
 from gpu_matrix_service.backends.cuda.backend import (
     GpuDevice,
     plan_chunks,
@@ -161,3 +163,29 @@ def test_pinned_pool_unpins_beyond_its_cache_limit_and_on_close():
 def test_zero_size_pinned_request_is_plain_memory():
     pool = PinnedHostPool(FakeLibrary())
     assert pool.empty((0, 4), np.float32).shape == (0, 4)
+
+
+def test_array_addresses_handed_to_the_library_are_their_first_bytes():
+    base = np.arange(64, dtype=np.float32).reshape(8, 8)
+    read_only = base.copy()
+    read_only.flags.writeable = False
+    cases = {
+        "whole": base,
+        "rows from the second": base[1:],
+        "read-only": read_only,
+        "empty": base[:0],
+        "transposed": base.T,
+        "every other column": base[:, ::2],
+    }
+    for label, array in cases.items():
+        assert binding.address(array) == array.ctypes.data, label
+
+
+def test_each_thread_has_its_own_error_buffer():
+    buffers = []
+    thread = threading.Thread(target=lambda: buffers.append(binding._error_buffer()))
+    thread.start()
+    thread.join()
+    assert binding._error_buffer() is binding._error_buffer()
+    assert buffers[0] is not binding._error_buffer()
+    assert len(buffers[0]) == binding.ERROR_BUFFER_BYTES
