@@ -29,6 +29,7 @@ from gpu_matrix_service.errors import ServiceError
 from gpu_matrix_service.gpu import GpuMonitor, this_process, this_process_and_siblings
 from gpu_matrix_service.metrics import GpuCollector, ServiceMetrics
 from gpu_matrix_service.routes import health, metrics, ops
+from gpu_matrix_service.routes.lane import OperationLane
 from gpu_matrix_service.routes.state import route_template
 from gpu_matrix_service.settings import Settings
 
@@ -118,12 +119,14 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.metrics = service_metrics
     # Without tokens there is nothing to check: no dependency at all keeps small requests fast.
     guard = [Depends(require_token)] if settings.api_tokens else []
-    # First in the list, so requests to them match at once; they serve the ops endpoints (and
-    # check tokens).
-    app.router.routes[:0] = ops.dispatch_routes()
-    app.include_router(ops.router, dependencies=guard)  # describe them, security included
+    # Described here (security included); the lane below answers them.
+    app.include_router(ops.router, dependencies=guard)
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=guard if settings.metrics_auth else [])
+    # Innermost: POST /add and /v1/ops/{op} are answered here, inside CORS and metrics.
+    app.add_middleware(
+        OperationLane, routes=ops.dispatch_routes(), exception_handlers=app.exception_handlers
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

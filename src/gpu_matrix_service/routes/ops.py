@@ -32,10 +32,12 @@ from gpu_matrix_service.routes.state import (
 from gpu_matrix_service.uploads import read_multipart
 
 # Describes the two endpoints in OpenAPI. Requests reach them through dispatch_routes(), plain
-# Starlette routes the app places ahead of these: FastAPI's per-request handling of an
-# APIRoute (dependency solving, two exit stacks, its exception wrapper, the included router's
-# matching) cost about 170 us of a 64x64 request in process on the 2-core CPU machine (740 to
-# 568 us, docs/benchmarks.md), on a path whose handlers read the request themselves anyway.
+# Starlette routes the app's OperationLane (routes/lane.py) answers ahead of the router:
+# FastAPI's per-request handling of an APIRoute (dependency solving, two exit stacks, its
+# exception wrapper, the included router's matching) cost about 170 us of a 64x64 request in
+# process on the 2-core CPU machine (740 to 568 us, docs/benchmarks.md), on a path whose
+# handlers read the request themselves anyway. Without the lane this router's routes would
+# answer them alike, only slower.
 router = APIRouter(tags=["operations"])
 
 NPZ_MEDIA_TYPE = "application/x-npz"
@@ -237,7 +239,8 @@ class DispatchRoute(Route):
 
 
 def dispatch_routes() -> list[Route]:
-    """The routes that serve ``/add`` and ``/v1/ops/{op}`` (``router`` describes them)."""
+    """The routes :class:`~gpu_matrix_service.routes.lane.OperationLane` serves ``/add`` and
+    ``/v1/ops/{op}`` by (``router`` describes them)."""
     return [
         DispatchRoute("/add", add, methods=["POST"]),
         DispatchRoute("/v1/ops/{op}", apply_op, methods=["POST"]),
