@@ -53,6 +53,7 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._scrape_time_collectors: list[Collector] = []
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        self._computation_children: dict[tuple[str, ...], tuple[tuple[Any, ...], Any]] = {}
         r = self.registry
         self.request_count = Counter(
             "request_count",
@@ -117,6 +118,23 @@ class ServiceMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def record_computation(
+        self, op: str, backend: str, device: str, timings: dict[str, float], elements: int
+    ) -> None:
+        """One computation: ``timings`` (seconds per phase) into ``compute_seconds`` and its
+        output ``elements``. The children are remembered per op, backend, device and set of
+        phases, all from small fixed sets: a request records five or six phases."""
+        key = (op, backend, device, *timings)
+        found = self._computation_children.get(key)
+        if found is None:
+            phases = tuple(self.compute_seconds.labels(op, backend, device, p) for p in timings)
+            found = (phases, self.elements_processed.labels(op, backend))
+            self._computation_children[key] = found
+        phase_children, elements_child = found
+        for child, seconds in zip(phase_children, timings.values(), strict=True):
+            child.observe(seconds)
+        elements_child.inc(elements)
 
     def add_collector(self, collector: Collector) -> None:
         """Add a collector read at scrape time (GPU readings), in either mode."""

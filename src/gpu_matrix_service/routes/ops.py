@@ -364,8 +364,6 @@ def _format_from_accept(accept: str) -> ResultFormat | None:
 
 
 def _observe(request: Request, op: Op, outcome: Result, timings: dict[str, float]) -> None:
-    metrics = service_metrics(request)
-    labels = (op.name, outcome.backend, outcome.device)
-    for phase, seconds in timings.items():
-        metrics.child(metrics.compute_seconds, *labels, phase).observe(seconds)
-    metrics.child(metrics.elements_processed, op.name, outcome.backend).inc(outcome.array.size)
+    service_metrics(request).record_computation(
+        op.name, outcome.backend, outcome.device, timings, outcome.array.size
+    )
