@@ -6,6 +6,11 @@ service's ASGI app, against the receive-only floor's app, and where the service'
 What uvicorn itself costs per request (HTTP parsing, the transport) is the same for both and
 is not here; ``bench http`` measures the whole. ``--stages`` times the reading of the upload,
 the computation and the metrics by wrapping those functions (which adds a little).
+``--essentials`` also times a bare ASGI app that does only the work no service can skip,
+with the service's own functions: split the body, decode both files into the backend's host
+memory, compute on the backend, answer the three contract fields. No framework, limits,
+admission, timeouts, metrics or error mapping: what is left of a request when all of that
+costs nothing.
 """
 
 from __future__ import annotations
@@ -20,16 +25,22 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
+import orjson
 from starlette.types import ASGIApp
 
 import gpu_matrix_service.compute as compute
 import gpu_matrix_service.routes.ops as ops
 import gpu_matrix_service.uploads as uploads
 from gpu_matrix_service.app import create_app
+from gpu_matrix_service.backends.base import RunOptions
 from gpu_matrix_service.bench.floor import create_floor_app
+from gpu_matrix_service.compute import ComputeService
+from gpu_matrix_service.ops import get_op
 from gpu_matrix_service.settings import Settings
+from gpu_matrix_service.whole_body import split_whole_body
 
 BOUNDARY = b"request-cost-boundary"
+ADD = get_op("add")
 
 
 def upload_body(size: int) -> bytes:
@@ -92,6 +103,45 @@ async def lifespan(app: ASGIApp) -> Callable[[], Awaitable[None]]:
     return shutdown
 
 
+def create_essentials_app(settings: Settings) -> ASGIApp:
+    """The work of a well-formed two-file ``POST /add`` and nothing else (see the docstring)."""
+    service: ComputeService | None = None
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal service
+        if scope["type"] == "lifespan":
+            await receive()
+            service = ComputeService(settings)
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            service.close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        assert service is not None
+        content_type = dict(scope["headers"])[b"content-type"].decode("latin-1")
+        body = (await receive())["body"]
+        pieces = split_whole_body(
+            body, uploads.multipart_boundary(content_type),
+            max_parts=uploads.MAX_PARTS, max_header_bytes=uploads.MAX_HEADER_BYTES,
+        )  # fmt: skip
+        assert pieces is not None
+        a, b = (service.decode_in_one_piece(uploads.part_from_headers(block).name, content)
+                for block, content in pieces)  # fmt: skip
+        assert a is not None
+        assert b is not None
+        result = service.backend.run(ADD, a, b, RunOptions())
+        shape, seconds = list(result.array.shape), result.elapsed_time
+        answer = orjson.dumps(
+            {"matrix_shape": shape, "elapsed_time": seconds, "device": result.device}
+        )
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(answer)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
 SPENT: dict[str, list[float]] = {}
 
 
@@ -148,8 +198,13 @@ async def main(args: argparse.Namespace) -> None:
         timed(ops, "_observe", "metrics")
         timed(ops, "run_op", "handler")
     settings = Settings(_env_file=None, backend=args.backend)
+    essentials = None
+    if args.essentials:
+        essentials = await cost(create_essentials_app(settings), body, args.requests, args.repeats)
     service = await cost(create_app(settings), body, args.requests, args.repeats)
     line = f"{args.size}x{args.size} float32 add: floor {floor:.1f} us, service {service:.1f} us"
+    if essentials is not None:
+        line += f", essentials {essentials:.1f} us"
     if SPENT:
         medians = (f"{k} {statistics.median(v) * 1e6:.1f}" for k, v in SPENT.items())
         line += " (medians: " + ", ".join(medians) + ")"
@@ -163,6 +218,8 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stages", action="store_true", help="time the handler's stages")
+    parser.add_argument("--essentials", action="store_true",
+                        help="also time the bare essential work (see the docstring)")  # fmt: skip
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop, as uvicorn does")
     arguments = parser.parse_args()
     if arguments.uvloop:
