@@ -123,10 +123,12 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.include_router(ops.router, dependencies=guard)
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=guard if settings.metrics_auth else [])
-    # Innermost: POST /add and /v1/ops/{op} are answered here, inside CORS and metrics.
-    app.add_middleware(
-        OperationLane, routes=ops.dispatch_routes(), exception_handlers=app.exception_handlers
-    )
+    # Innermost: POST /add and /v1/ops/{op} are answered here, inside CORS and metrics. Not
+    # with OpenTelemetry: FastAPI names a span's http.route in its router, which the lane skips.
+    if not settings.opentelemetry:
+        app.add_middleware(
+            OperationLane, routes=ops.dispatch_routes(), exception_handlers=app.exception_handlers
+        )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.testclient import TestClient
+from starlette.exceptions import HTTPException
 
 from gpu_matrix_service.app import create_app
+from gpu_matrix_service.backends.cpu import CpuBackend
 from gpu_matrix_service.routes.lane import OperationLane
 from gpu_matrix_service.settings import Settings
 
@@ -107,3 +111,77 @@ def test_requests_through_the_lane_are_counted_by_route_and_status(rng):
         'endpoint="/v1/ops/{op}",method="POST",status="200"': 2.0,
         'endpoint="/v1/ops/{op}",method="POST",status="400"': 1.0,
     }
+
+
+class RaisingBackend(CpuBackend):
+    """Raises the next of ``errors`` from every computation."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        super().__init__()
+        self.errors = errors
+
+    def run(self, op, a, b, options):
+        raise self.errors.pop(0)
+
+
+class TeapotError(Exception):
+    pass
+
+
+class FineTeapotError(TeapotError):
+    """Handled by its base class's handler, the nearest in its MRO."""
+
+
+def with_odd_handlers(app: FastAPI) -> FastAPI:
+    """A plain (sync) handler for a base class, and one for status 500, which is Starlette's
+    server-error middleware's own and must not catch an HTTPException(500)."""
+
+    def teapot(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"teapot on {threading.current_thread().name!r}"}, 418)
+
+    app.add_exception_handler(TeapotError, teapot)
+    app.add_exception_handler(500, lambda request, exc: PlainTextResponse("500 handler", 500))
+    return app
+
+
+def test_odd_exception_handlers_are_looked_up_and_run_as_the_router_does(rng):
+    errors = lambda: [FineTeapotError(), HTTPException(500, "explicit"), HTTPException(409, "busy")]  # noqa: E731
+    settings = Settings(backend="cpu", _env_file=None)
+    request = {"method": "POST", "url": "/add", "files": upload(np.ones(2), np.ones(2))}
+    with (
+        TestClient(with_odd_handlers(create_app(settings, RaisingBackend(errors())))) as lane,
+        TestClient(
+            with_odd_handlers(without_lane(create_app(settings, RaisingBackend(errors()))))
+        ) as router,
+    ):
+        answers = [(answer(lane, request), answer(router, request)) for _ in range(3)]
+    for through_lane, through_router in answers:
+        assert through_lane == through_router
+    teapot, explicit, busy = (through_lane for through_lane, _ in answers)
+    assert teapot[0] == 418 and b"AnyIO worker thread" in teapot[2], teapot
+    assert explicit[:1] == (500,) and explicit[2] == b'{"detail":"explicit"}'
+    assert busy[0] == 409
+
+
+def test_with_opentelemetry_spans_still_name_their_route(rng):
+    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = Settings(backend="cpu", opentelemetry=True, _env_file=None)
+    real = trace.get_tracer_provider
+    trace.get_tracer_provider = lambda: provider
+    try:
+        with TestClient(create_app(settings)) as client:
+            exporter.clear()
+            assert (
+                client.post("/v1/ops/add", files=upload(np.ones(2), np.ones(2))).status_code == 200
+            )
+    finally:
+        trace.get_tracer_provider = real
+    servers = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
+    assert [s.attributes.get("http.route") for s in servers] == ["/v1/ops/{op}"]

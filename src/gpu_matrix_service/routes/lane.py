@@ -17,6 +17,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -59,21 +60,23 @@ class OperationLane:
             handler = self._handler_for(exc)
             if handler is None:
                 raise  # a bug: the server-error middleware logs it and answers 500
-            response = handler(request, exc)
-            if inspect.isawaitable(response):
-                response = await response
+            if inspect.iscoroutinefunction(handler):
+                response = await handler(request, exc)
+            else:  # as Starlette runs a plain function: on a worker thread
+                response = await run_in_threadpool(handler, request, exc)
         await response(scope, receive, send)
 
     def _handler_for(self, exc: Exception) -> Callable[[Request, Exception], Any] | None:
         """The handler Starlette's exception middleware would pick: one for an HTTP error's
-        status code, else the nearest class in the exception's MRO, leaving ``Exception``
-        itself to the server-error middleware."""
-        if isinstance(exc, HTTPException) and exc.status_code in self.exception_handlers:
-            return self.exception_handlers[exc.status_code]
+        status code, else the nearest class in the exception's MRO. Handlers for 500 and for
+        ``Exception`` are the server-error middleware's, as Starlette assigns them."""
+        handlers = self.exception_handlers
+        if isinstance(exc, HTTPException) and exc.status_code != 500:
+            handler = handlers.get(exc.status_code)
+            if handler is not None:
+                return handler
         for cls in type(exc).__mro__:
-            if cls is Exception:
-                return None
-            handler = self.exception_handlers.get(cls)
+            handler = handlers.get(cls) if cls is not Exception else None
             if handler is not None:
                 return handler
         return None
