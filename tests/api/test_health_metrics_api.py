@@ -13,12 +13,12 @@ from fastapi.testclient import TestClient
 
 from gpu_matrix_service import __version__
 from gpu_matrix_service.app import create_app
-from gpu_matrix_service.backends.base import DeviceInfo, Result
 from gpu_matrix_service.backends.cpu import CpuBackend
 from gpu_matrix_service.errors import BackendFailure, DeviceOutOfMemory
 from gpu_matrix_service.settings import Settings
 
 from arrayfiles import npz_bytes
+from fake_backends import FailingBackend
 
 
 def two_files(rng, shape=(4, 4)) -> dict:
@@ -85,26 +85,6 @@ def test_openapi_describes_every_endpoint_and_the_upload_fields(client):
     assert body["required"] == ["file_a", "file_b"]
     assert body["properties"]["file_a"]["format"] == "binary"
     assert client.get("/docs").status_code == 200
-
-
-class FailingBackend(CpuBackend):
-    """A GPU backend whose next calls fail the way CUDA can, simulated at the boundary."""
-
-    name = "fake-gpu"
-    device_kind = "GPU"
-
-    def __init__(self, failures: list[Exception]) -> None:
-        super().__init__()
-        self.failures = failures
-
-    def devices(self):
-        return [DeviceInfo(0, "Fake GPU (cuda:0)", "GPU")]
-
-    def run(self, op, a, b, options):
-        if self.failures:
-            raise self.failures.pop(0)
-        result = super().run(op, a, b, options)
-        return Result(result.array, "GPU", "Fake GPU (cuda:0)", self.name, result.timings)
 
 
 @pytest.mark.parametrize(

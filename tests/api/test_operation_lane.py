@@ -13,11 +13,11 @@ from fastapi.testclient import TestClient
 from starlette.exceptions import HTTPException
 
 from gpu_matrix_service.app import create_app
-from gpu_matrix_service.backends.cpu import CpuBackend
 from gpu_matrix_service.routes.lane import OperationLane
 from gpu_matrix_service.settings import Settings
 
 from arrayfiles import npy_bytes, npz_bytes
+from fake_backends import FailingBackend
 
 TOKEN = "lane-test-token"
 
@@ -113,17 +113,6 @@ def test_requests_through_the_lane_are_counted_by_route_and_status(rng):
     }
 
 
-class RaisingBackend(CpuBackend):
-    """Raises the next of ``errors`` from every computation."""
-
-    def __init__(self, errors: list[Exception]) -> None:
-        super().__init__()
-        self.errors = errors
-
-    def run(self, op, a, b, options):
-        raise self.errors.pop(0)
-
-
 class TeapotError(Exception):
     pass
 
@@ -149,9 +138,9 @@ def test_odd_exception_handlers_are_looked_up_and_run_as_the_router_does(rng):
     settings = Settings(backend="cpu", _env_file=None)
     request = {"method": "POST", "url": "/add", "files": upload(np.ones(2), np.ones(2))}
     with (
-        TestClient(with_odd_handlers(create_app(settings, RaisingBackend(errors())))) as lane,
+        TestClient(with_odd_handlers(create_app(settings, FailingBackend(errors())))) as lane,
         TestClient(
-            with_odd_handlers(without_lane(create_app(settings, RaisingBackend(errors()))))
+            with_odd_handlers(without_lane(create_app(settings, FailingBackend(errors()))))
         ) as router,
     ):
         answers = [(answer(lane, request), answer(router, request)) for _ in range(3)]
