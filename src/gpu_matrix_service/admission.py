@@ -26,7 +26,8 @@ class Admission:
         self._lock = threading.Lock()
 
     def enter(self) -> Ticket:
-        """Admit one request, or raise :class:`ServiceOverloaded`."""
+        """Admit one request, or raise :class:`ServiceOverloaded`. The ticket is a context
+        manager that gives the place back on exit unless a worker thread took it over."""
         with self._lock:
             if self.active >= self.limit:
                 raise ServiceOverloaded(
@@ -36,24 +37,31 @@ class Admission:
             self.active += 1
         return Ticket(self)
 
-    def _leave(self) -> None:
-        with self._lock:
-            self.active -= 1
-
 
 class Ticket:
     """One admitted request's place; released exactly once, from any thread."""
 
+    __slots__ = ("_admission", "_released", "handed_to_worker")
+
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
-        self._lock = threading.Lock()
         self._released = False
+        # Set when a worker thread computes for the request: the place is then given back
+        # when the computation really ends, which may be after the request timed out.
         self.handed_to_worker = False
 
     def release(self) -> None:
         """Give the place back (idempotent)."""
-        with self._lock:
+        admission = self._admission
+        with admission._lock:  # one lock for both: a ticket is released once per request
             if self._released:
                 return
             self._released = True
-        self._admission._leave()
+            admission.active -= 1
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.handed_to_worker:
+            self.release()

@@ -7,6 +7,7 @@ shutdown. ``uvicorn --factory gpu_matrix_service.app:create_app`` works too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -56,18 +57,25 @@ class RequestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        self.metrics.requests_in_flight.inc()
+        metrics = self.metrics
+        metrics.request_started()
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            self.metrics.requests_in_flight.dec()
-            endpoint = route_template(scope)
-            method = scope["method"]
-            metrics = self.metrics
-            metrics.child(metrics.request_count, method, endpoint, str(status)).inc()
-            metrics.child(metrics.request_latency, method, endpoint).observe(
-                time.perf_counter() - start
-            )
+            seconds = time.perf_counter() - start
+            metrics.request_ended(scope["method"], route_template(scope), status, seconds)
+
+
+# How stale batched metrics may get between scrapes (ServiceMetrics.flush): a scrape flushes
+# first anyway; this bounds the memory the values wait in.
+METRICS_FLUSH_SECONDS = 1.0
+
+
+async def flush_metrics_every(metrics: ServiceMetrics, seconds: float) -> None:
+    """Flush ``metrics`` every ``seconds`` until cancelled."""
+    while True:
+        await asyncio.sleep(seconds)
+        metrics.flush()
 
 
 def telemetry_config(enabled: bool) -> TelemetryConfig:
@@ -99,9 +107,11 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             __version__, compute.backend.name, settings.instance_name
         ).set(1)
         app.state.gpu, app.state.compute = monitor, compute
+        flusher = asyncio.create_task(flush_metrics_every(service_metrics, METRICS_FLUSH_SECONDS))
         try:
             yield
         finally:
+            flusher.cancel()
             app.state.compute = None
             compute.close()
             monitor.close()

@@ -11,9 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +22,7 @@ from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.backends.base import Backend, Result, RunOptions
 from gpu_matrix_service.backends.cpu import CpuBackend
 from gpu_matrix_service.backends.registry import select_backend
+from gpu_matrix_service.deadlines import Deadlines
 from gpu_matrix_service.errors import (
     ComputeTimeout,
     DeviceOutOfMemory,
@@ -91,18 +90,16 @@ class ComputeService:
             else None
         )
         self.admission = Admission(settings.compute_threads + settings.max_queued)
+        # The limits on an upload's arrival and on a computation's wait, for every request.
+        self.upload_deadlines = Deadlines(settings.upload_timeout_seconds)
+        self.compute_deadlines = Deadlines(settings.compute_timeout_seconds)
         self._running: set[Future[Result]] = set()
         self._inline_paused_until = 0.0  # time.monotonic() seconds
 
-    @contextmanager
-    def admit(self) -> Iterator[Ticket]:
-        """Hold a place for one request (503 when full) until its computation finishes."""
-        ticket = self.admission.enter()
-        try:
-            yield ticket
-        finally:
-            if not ticket.handed_to_worker:
-                ticket.release()
+    def admit(self) -> Ticket:
+        """Hold a place for one request (503 when full) until its computation finishes:
+        ``with service.admit() as ticket:``."""
+        return self.admission.enter()
 
     def open_stream(self, name: str, most_bytes: int) -> ArrayStream:
         """A decoder for one uploaded file of at most ``most_bytes``, writing into the
@@ -137,7 +134,7 @@ class ComputeService:
         future.add_done_callback(lambda _: ticket.release())
         timeout = self.settings.compute_timeout_seconds
         try:
-            async with asyncio.timeout(timeout):  # no extra task, unlike wait_for (3.11)
+            with self.compute_deadlines.watch():
                 return await asyncio.wrap_future(future)
         except TimeoutError:
             raise ComputeTimeout(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 from collections.abc import Callable
@@ -257,7 +256,7 @@ async def run_op(
     service = compute_service(request)
     with service.admit() as ticket:  # 503 before the body is read when the queue is full
         try:
-            async with asyncio.timeout(settings.upload_timeout_seconds):
+            with service.upload_deadlines.watch():
                 upload = await read_multipart(
                     request.stream(),
                     content_type=request.headers.get("content-type"),
@@ -273,7 +272,7 @@ async def run_op(
             ) from None
         metrics = service_metrics(request)
         endpoint = route_template(request.scope)
-        metrics.child(metrics.upload_bytes, endpoint).observe(upload.body_bytes)
+        metrics.series(metrics.upload_bytes, endpoint).record(upload.body_bytes)
         a, b = await upload.operands()
         assert a.array is not None
         assert b.array is not None
