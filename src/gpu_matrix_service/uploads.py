@@ -455,9 +455,10 @@ async def read_multipart(
             f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}"
         )
     expected = int(declared) if declared.isdigit() else None
-    splitter = MultipartSplitter(boundary, open_file, max_bytes if expected is None else expected)
     small = expected is not None and expected <= WHOLE_BODY_BYTES
     whole_decoder = decode_whole if small else None
+    # Made when the body is not read whole: most small bodies never need one.
+    splitter: MultipartSplitter | None = None
     received, upload = 0, None
     try:
         async for chunk in chunks:
@@ -467,11 +468,17 @@ async def read_multipart(
             if whole_decoder is not None and received == len(chunk) == expected:
                 upload = read_whole_body(bytes(chunk), boundary, whole_decoder)
             if upload is None:
+                if splitter is None:
+                    most = max_bytes if expected is None else expected
+                    splitter = MultipartSplitter(boundary, open_file, most)
                 splitter.feed(chunk)
         if upload is not None:
             return upload
+        if splitter is None:  # no body at all
+            splitter = MultipartSplitter(boundary, open_file, max_bytes)
         splitter.close()
     except BaseException:  # a bad body, a disconnect, a timeout: stop the checks
-        splitter.abandon()
+        if splitter is not None:
+            splitter.abandon()
         raise
     return Upload(splitter.parts, received, splitter.decode_seconds)
