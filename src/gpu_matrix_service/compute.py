@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import numpy as np
 from gpu_matrix_service.admission import Admission, Ticket
 from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
-from gpu_matrix_service.backends.base import Backend, Result, RunOptions
+from gpu_matrix_service.backends.base import Backend, LaunchingBackend, Result, RunOptions
 from gpu_matrix_service.backends.cpu import CpuBackend
 from gpu_matrix_service.backends.registry import select_backend
 from gpu_matrix_service.deadlines import Deadlines
@@ -95,6 +96,24 @@ class ComputeService:
         self.compute_deadlines = Deadlines(settings.compute_timeout_seconds)
         self._running: set[Future[Result]] = set()
         self._inline_paused_until = 0.0  # time.monotonic() seconds
+        self._launcher, self._loop = self._watch_launches(backend)
+
+    @staticmethod
+    def _watch_launches(
+        backend: Backend,
+    ) -> tuple[LaunchingBackend | None, asyncio.AbstractEventLoop | None]:
+        """The backend as a launcher, and the loop watching its completions: the running
+        loop, where the service is built (the app's lifespan). Built outside a loop (batch
+        jobs, the command line), the service only computes synchronously."""
+        if not isinstance(backend, LaunchingBackend):
+            return None, None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None, None
+        for fd in backend.completion_fds():
+            loop.add_reader(fd, backend.finish_launched, fd)
+        return backend, loop
 
     def admit(self) -> Ticket:
         """Hold a place for one request (503 when full) until its computation finishes:
@@ -114,8 +133,9 @@ class ComputeService:
     async def compute(
         self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions, ticket: Ticket
     ) -> Result:
-        """Compute ``op(a, b)`` on a worker thread, keeping ``ticket`` until it is done;
-        tiny work on an idle device is computed at once, on the calling (event loop) thread.
+        """Compute ``op(a, b)`` on a worker thread, keeping ``ticket`` until it is done; tiny
+        work on an idle device is launched from the event loop (a backend that launches) or
+        computed at once on it.
 
         :class:`ComputeTimeout` (504) when waiting and computing take longer than
         ``compute_timeout_seconds``.
@@ -124,6 +144,9 @@ class ComputeService:
             # A hop to a worker thread and back costs more than tiny work: 0.1-0.3 ms, more
             # while the worker's Python waits for the GIL the loop holds. On a GPU only when
             # a device has nothing in flight: one busy with a matmul would hold the loop.
+            launched = self._launch(op, a, b, ticket)
+            if launched is not None:
+                return await self._within_timeout(op, launched)
             result = self._run_inline(op, a, b, options)
             if result is not None:
                 return result
@@ -132,14 +155,45 @@ class ComputeService:
         self._running.add(future)
         future.add_done_callback(self._running.discard)
         future.add_done_callback(lambda _: ticket.release())
-        timeout = self.settings.compute_timeout_seconds
+        return await self._within_timeout(op, asyncio.wrap_future(future))
+
+    async def _within_timeout(self, op: Op, result: Awaitable[Result]) -> Result:
         try:
             with self.compute_deadlines.watch():
-                return await asyncio.wrap_future(future)
+                return await result
         except TimeoutError:
             raise ComputeTimeout(
-                f"{op.name} did not finish within {timeout:g} s (GMS_COMPUTE_TIMEOUT_SECONDS)"
+                f"{op.name} did not finish within {self.compute_deadlines.seconds:g} s "
+                "(GMS_COMPUTE_TIMEOUT_SECONDS)"
             ) from None
+
+    def _launch(
+        self, op: Op, a: np.ndarray, b: np.ndarray, ticket: Ticket
+    ) -> asyncio.Future[Result] | None:
+        """Launch tiny ``op(a, b)`` on the backend and return the future of its result, or
+        None when the backend does not launch this work now. The launched job keeps
+        ``ticket`` until it has finished, as a worker thread's computation does."""
+        launcher = self._launcher
+        if launcher is None:
+            return None
+        a, b, backend = self._checked(op, a, b)
+        if backend is not self.backend:
+            return None
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+
+        def done(result: Result) -> None:
+            ticket.release()
+            if not future.done():  # it may have timed out
+                future.set_result(result)
+
+        start = time.monotonic()
+        try:
+            if not launcher.launch_if_idle(op, a, b, done):
+                return None
+        finally:
+            self._pause_inline_if_held(op, start)
+        ticket.handed_to_worker = True
+        return future
 
     def compute_sync(
         self, op: Op, a: NamedBytes, b: NamedBytes, options: RunOptions
@@ -169,14 +223,19 @@ class ComputeService:
         try:
             return self._run_checked(op, a, b, options, only_if_idle=True)
         finally:
-            if (held := time.monotonic() - start) > INLINE_BUDGET_SECONDS:
-                self._inline_paused_until = time.monotonic() + INLINE_PAUSE_SECONDS
-                log.info("tiny %s held the event loop %.1f ms; worker threads take tiny work "
-                         "for %g s", op.name, held * 1e3, INLINE_PAUSE_SECONDS)  # fmt: skip
+            self._pause_inline_if_held(op, start)
 
-    def _run_checked(
-        self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions, *, only_if_idle: bool
-    ) -> Result | None:
+    def _pause_inline_if_held(self, op: Op, start: float) -> None:
+        if (held := time.monotonic() - start) > INLINE_BUDGET_SECONDS:
+            self._inline_paused_until = time.monotonic() + INLINE_PAUSE_SECONDS
+            log.info("tiny %s held the event loop %.1f ms; worker threads take tiny work "
+                     "for %g s", op.name, held * 1e3, INLINE_PAUSE_SECONDS)  # fmt: skip
+
+    def _checked(
+        self, op: Op, a: np.ndarray, b: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, Backend]:
+        """``a`` and ``b`` checked for ``op`` and promoted to the result dtype, and the
+        backend that computes them (the CPU one where the device has nothing to do)."""
         checked = plan(op, a, b)
         self._check_matmul_work(op, a, b, checked.dtype)
         elements = math.prod(checked.shape)
@@ -192,6 +251,12 @@ class ComputeService:
         if a.size == 0 or b.size == 0 or not backend.supports(op, checked.dtype):
             # Nothing for a device to do, or a dtype its kernels lack: NumPy answers.
             backend = self.cpu
+        return a, b, backend
+
+    def _run_checked(
+        self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions, *, only_if_idle: bool
+    ) -> Result | None:
+        a, b, backend = self._checked(op, a, b)
         try:
             if only_if_idle:
                 return backend.run_if_idle(op, a, b, options)
@@ -200,10 +265,11 @@ class ComputeService:
             if self.settings.fallback != "cpu" or backend is self.cpu:
                 raise
             log.warning(
-                "%s out of memory for %s %s; computing on the CPU",
+                "%s out of memory for %s %s, %s; computing on the CPU",
                 backend.name,
                 op.name,
-                list(checked.shape),
+                list(a.shape),
+                list(b.shape),
             )
             return self.cpu.run(op, a, b, options)
 
@@ -226,6 +292,9 @@ class ComputeService:
     def close(self) -> None:
         """Drop queued computations, wait for running ones (``shutdown_timeout_seconds`` at
         most), then release the backend's devices."""
+        if self._launcher is not None and self._loop is not None:
+            for fd in self._launcher.completion_fds():
+                self._loop.remove_reader(fd)
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._upload_pool is not None:  # its jobs read pinned memory: done before it goes
             self._upload_pool.shutdown(wait=True)

@@ -100,6 +100,32 @@ class Backend(Protocol):
         ...
 
 
+@runtime_checkable
+class LaunchingBackend(Protocol):
+    """A backend that can also start tiny work without waiting for it (the CUDA C one).
+
+    The service launches on the event loop, which goes on with other requests while the GPU
+    works, and watches ``completion_fds()``: when one turns readable it calls
+    ``finish_launched(fd)``, which calls each finished job's ``done`` on the loop.
+    """
+
+    def launch_if_idle(
+        self, op: Op, a: np.ndarray, b: np.ndarray, done: Callable[[Result], None]
+    ) -> bool:
+        """Start ``op(a, b)`` (operands checked and promoted as for ``run``) on a device with
+        nothing in flight and return True at once; False when it cannot, with nothing
+        started. Never waits behind another request's work."""
+        ...
+
+    def completion_fds(self) -> list[int]:
+        """File descriptors that turn readable when launched work has finished."""
+        ...
+
+    def finish_launched(self, fd: int) -> None:
+        """Call ``done(result)`` for each launched job finished behind ``fd``."""
+        ...
+
+
 class BackendUnavailable(RuntimeError):
     """Raised by a backend's constructor when its probe fails; the message says why, for logs."""
 

@@ -44,6 +44,11 @@ class _PinnedOwner:
             self._give_back(self._block)
 
 
+def in_pinned_block(array: np.ndarray) -> bool:
+    """Whether ``array`` is one a pool lent, viewing its pinned (page-aligned) block."""
+    return type(array.base) is _PinnedOwner
+
+
 class PinnedArrayPool:
     """Pinned host arrays from blocks that ``pin(nbytes) -> (address, handle)`` allocates and
     ``unpin(handle)`` frees, reused by size class up to ``max_cached_bytes`` of free blocks.

@@ -8,7 +8,10 @@ nothing. ``docs/cuda-backend.md`` has the design and the measurements.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ from gpu_matrix_service.backends.base import (
 from gpu_matrix_service.backends.cuda import binding
 from gpu_matrix_service.backends.cuda.binding import KernelLibrary
 from gpu_matrix_service.backends.cuda.pools import DevicePool, PinnedHostPool
+from gpu_matrix_service.backends.pinned import in_pinned_block
 from gpu_matrix_service.errors import (
     BackendFailure,
     DeviceOutOfMemory,
@@ -104,6 +108,17 @@ class GpuDevice:
         return f"{self.name} (cuda:{self.ordinal})"
 
 
+@dataclass(frozen=True)
+class LaunchedJob:
+    """A launched elementwise job: where it runs, the arrays the GPU still uses (kept alive
+    until it has finished) and whom to tell."""
+
+    device: GpuDevice
+    out: np.ndarray
+    operands: tuple[np.ndarray, np.ndarray]
+    done: Callable[[Result], None]
+
+
 class CudaBackend:
     """Computes add/subtract/multiply (float32/64, int32/64) with our CUDA kernels and
     float32/64 matmul with cuBLAS, on all visible GPUs or those ``settings.devices`` names."""
@@ -115,6 +130,10 @@ class CudaBackend:
         self._devices: list[GpuDevice] = []
         self._lock = threading.Lock()
         self._has_cublas = False
+        # Launched jobs (launch_if_idle) until finish_launched reports them; the event loop's.
+        self._launched: dict[int, LaunchedJob] = {}
+        self._job_ids = itertools.count(1)
+        self._by_fd: dict[int, GpuDevice] = {}
         try:
             self._library = KernelLibrary(binding.locate_library(settings.kernel_lib))
             self._host_pool = PinnedHostPool(self._library)
@@ -141,6 +160,7 @@ class CudaBackend:
         cublas = binding.load_cublas(self._library, runtime // 1000)
         for ordinal in ordinals:
             self._devices.append(self._open_device(ordinal))
+        self._by_fd = {self._library.notify_fd(d.context): d for d in self._devices}
         self._has_cublas = cublas is not None and all(
             self._library.context_has_cublas(d.context) for d in self._devices
         )
@@ -204,6 +224,62 @@ class CudaBackend:
             self._take_device(idle_only=True),
             lambda device: self._run_on(device, op, a, b, options, retry=False),
         )
+
+    def launch_if_idle(
+        self, op: Op, a: np.ndarray, b: np.ndarray, done: Callable[[Result], None]
+    ) -> bool:
+        """Start elementwise ``op(a, b)`` on a GPU with no request in flight and return at once
+        (False, nothing started: not elementwise, over ``ZERO_COPY_BYTES``, operands not in
+        pinned blocks, or every device busy). The kernel reads and writes pinned host memory
+        itself; :meth:`finish_launched` calls ``done(result)`` once it has finished.
+        Timings: ``kernel`` and ``total`` from the launch to the end of the kernel (host
+        clock, waiting behind earlier launched jobs included), ``h2d`` and ``d2h`` 0."""
+        if not op.elementwise or a.size == 0 or a.nbytes > ZERO_COPY_BYTES:
+            return False
+        if not (in_pinned_block(a) and in_pinned_block(b)):
+            return False
+        self._check_dtype(op, a, b)
+        with self._lock:
+            if not self._devices:
+                raise BackendFailure("the cuda backend is closed")
+            # Like run_if_idle: a request that takes the device meanwhile waits for `first`,
+            # so it cannot hold the context's lock with a matmul while this launches.
+            device = take_device(self._devices, idle_only=True)
+        if device is None:
+            return False
+        try:
+            out = self.empty_host(a.shape, a.dtype)
+            if not in_pinned_block(out):
+                return False
+            job = next(self._job_ids)
+            self._library.elementwise_launch(device.context, op.name, a, b, out, job)
+            self._launched[job] = LaunchedJob(device, out, (a, b), done)
+            return True
+        finally:
+            device.first.release()
+            with self._lock:
+                device.in_flight -= 1
+
+    def completion_fds(self) -> list[int]:
+        """File descriptors that turn readable when launched jobs have finished (one per
+        device); :meth:`finish_launched` with the one that did."""
+        return list(self._by_fd)
+
+    def finish_launched(self, fd: int) -> None:
+        """Report the finished jobs of the device behind ``fd`` to their ``done``."""
+        device = self._by_fd.get(fd)
+        if device is None:
+            return
+        with contextlib.suppress(BlockingIOError):  # a wake with nothing new
+            os.eventfd_read(fd)  # resets the count; the queue below is what counts
+        for job, seconds in self._library.take_completions(device.context):
+            launched = self._launched.pop(job)
+            timings = {"h2d": 0.0, "kernel": seconds, "d2h": 0.0, "total": seconds}
+            launched.done(self._result(device, launched.out, timings))
+
+    def launched_jobs(self) -> int:
+        """Launched jobs not yet reported."""
+        return len(self._launched)
 
     def _check_dtype(self, op: Op, a: np.ndarray, b: np.ndarray) -> None:
         if not (self.supports(op, a.dtype) and a.dtype == b.dtype):
@@ -306,12 +382,14 @@ class CudaBackend:
         """Destroy each device's context and free its pool, then unpin cached host memory."""
         with self._lock:
             devices, self._devices = self._devices, []
+        self._by_fd = {}
         for device in devices:
             try:
                 self._library.context_destroy(device.context)
                 device.pool.close()
             except ServiceError as exc:
                 log.warning("closing %s: %s", device.label, exc.detail)
+        self._launched.clear()  # their kernels are done: destroying a context waits for them
         host_pool = getattr(self, "_host_pool", None)
         if host_pool is not None:
             host_pool.close()

@@ -28,7 +28,7 @@ from gpu_matrix_service.errors import BackendFailure, DeviceOutOfMemory, Service
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION: Final = 1
+ABI_VERSION: Final = 2
 LIBRARY_NAME: Final = "libgms_kernels.so"
 PACKAGE_DIR: Final = Path(__file__).resolve().parent
 ERROR_BUFFER_BYTES: Final = 1024
@@ -96,6 +96,7 @@ _SIGNATURES: Final[dict[str, list[type]]] = {
         _double_p,
     ],
     "gms_elementwise_zero_copy": [_ptr, _int, _int, _ptr, _ptr, _ptr, _size, _double_p],
+    "gms_elementwise_launch": [_ptr, _int, _int, _ptr, _ptr, _ptr, _size, ctypes.c_uint64],
     "gms_matmul": [_ptr, _int, _int, _ptr, _ptr, _ptr, *[_size] * 4, _ptr, _ptr, _ptr, _double_p],
     "gms_naive_add": [_int, _ptr, _ptr, _ptr, _int, _int, _double_p],
     "gms_bench_copy": [_int, _int, _size, _int, _double_p],
@@ -104,8 +105,13 @@ _SIGNATURES: Final[dict[str, list[type]]] = {
 _PLAIN_SIGNATURES: Final[dict[str, list[type]]] = {
     "gms_abi_version": [],
     "gms_context_has_cublas": [_ptr],
+    "gms_context_notify_fd": [_ptr],
 }
-EXPORTED_SYMBOLS: Final = tuple(sorted([*_SIGNATURES, *_PLAIN_SIGNATURES]))
+# Returns a count (size_t), not a status.
+_TAKE_COMPLETIONS: Final = "gms_take_completions"
+EXPORTED_SYMBOLS: Final = tuple(sorted([*_SIGNATURES, *_PLAIN_SIGNATURES, _TAKE_COMPLETIONS]))
+# Finished launched jobs taken per call of take_completions (more wait for the next).
+COMPLETIONS_PER_TAKE: Final = 256
 
 
 def status_error(status: int, message: str) -> ServiceError:
@@ -144,6 +150,9 @@ class KernelLibrary:
         for name, args in _PLAIN_SIGNATURES.items():
             getattr(self._lib, name).argtypes = args
             getattr(self._lib, name).restype = ctypes.c_int
+        take = getattr(self._lib, _TAKE_COMPLETIONS)
+        take.argtypes = [_ptr, ctypes.POINTER(ctypes.c_uint64), _double_p, _size]
+        take.restype = ctypes.c_size_t
         abi = self._lib.gms_abi_version()
         if abi != ABI_VERSION:
             raise BackendUnavailable(
@@ -269,6 +278,29 @@ class KernelLibrary:
         )
         return _timings(timings)
 
+    def elementwise_launch(
+        self, context: int, op: str, a: np.ndarray, b: np.ndarray, out: np.ndarray, job: int
+    ) -> None:
+        """Start ``out = a op b`` on the context's launch stream and return at once; the job
+        is reported by :meth:`take_completions` when it has finished. ``a``, ``b`` and ``out``
+        are pinned, 16-byte aligned and C-contiguous, of one size and dtype, at most 8 MiB
+        each, and must stay alive and untouched until then."""
+        self._call("gms_elementwise_launch", context, *_elementwise_operands(op, a, b, out), job)
+
+    def notify_fd(self, context: int) -> int:
+        """The context's eventfd: readable when launched jobs have finished."""
+        return int(self._lib.gms_context_notify_fd(context))
+
+    def take_completions(self, context: int) -> list[tuple[int, float]]:
+        """Finished launched jobs, oldest first: (job, seconds from launch to finish)."""
+        found: list[tuple[int, float]] = []
+        jobs, seconds = _completion_buffers()
+        while True:
+            taken = self._lib.gms_take_completions(context, jobs, seconds, COMPLETIONS_PER_TAKE)
+            found += zip(jobs[:taken], seconds[:taken], strict=True)
+            if taken < COMPLETIONS_PER_TAKE:
+                return found
+
     def matmul(
         self,
         context: int,
@@ -365,6 +397,17 @@ def _error_buffer() -> ctypes.Array[ctypes.c_char]:
     if buffer is None:
         buffer = _THREAD_STATE.errors = ctypes.create_string_buffer(ERROR_BUFFER_BYTES)
     return buffer
+
+
+def _completion_buffers() -> tuple[ctypes.Array[ctypes.c_uint64], ctypes.Array[ctypes.c_double]]:
+    """This thread's arrays that take_completions fills."""
+    buffers = getattr(_THREAD_STATE, "completions", None)
+    if buffers is None:
+        buffers = _THREAD_STATE.completions = (
+            (ctypes.c_uint64 * COMPLETIONS_PER_TAKE)(),
+            (ctypes.c_double * COMPLETIONS_PER_TAKE)(),
+        )
+    return buffers
 
 
 def _timings(values: ctypes.Array[ctypes.c_double]) -> dict[str, float]:
