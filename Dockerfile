@@ -50,12 +50,18 @@ COPY src ./src
 # The project itself, as a wheel (not editable): the runtime stage needs /opt/venv only.
 RUN --mount=type=cache,target=/root/.cache/uv uv sync --locked --no-dev --no-editable
 ENV PATH=/opt/venv/bin:${PATH}
-# Builds libgms_kernels.so into the installed package, where the cuda backend looks first.
-RUN gpu-matrix-service build-kernels
+# Builds libgms_kernels.so into the installed package, where the cuda backend looks first,
+# and the C reader of small uploads beside it (no compiler in the runtime image).
+RUN gpu-matrix-service build-kernels && gpu-matrix-service build-native
 
 # ---------------------------------------------------------------------------------------------
 # build-cpu: the same locked environment on the slim image's own Python, no CUDA toolkit.
 FROM python:${PYTHON_VERSION}-slim AS build-cpu
+# A C compiler for the reader of small uploads (build-native below).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=uv /uv /uvx /usr/local/bin/
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
@@ -70,6 +76,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 COPY pyproject.toml uv.lock README.md ./
 COPY src ./src
 RUN --mount=type=cache,target=/root/.cache/uv uv sync --locked --no-dev --no-editable
+RUN /opt/venv/bin/gpu-matrix-service build-native
 
 # ---------------------------------------------------------------------------------------------
 # runtime-cpu: NumPy backend only, for hosts without GPUs.

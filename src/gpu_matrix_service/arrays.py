@@ -129,14 +129,20 @@ def parse_npy_header(prefix: bytes | memoryview, *, name: str, limits: ArrayLimi
     raw = bytes(whole[start : start + header_len])
     if len(raw) < header_len:
         raise BadArrayInput(f"{name}: truncated .npy header")
+    header = NpyHeader(*header_fields(raw, encoding, name), start + header_len)
+    check_limits(header, name=name, limits=limits)
+    return header
+
+
+def header_fields(raw: bytes, encoding: str, name: str) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """Dtype, shape and Fortran order from a header's dictionary text (``encoding``: latin1
+    or utf8), remembered; :class:`BadArrayInput` or :class:`UnsupportedDType` if invalid."""
     known = _KNOWN_HEADERS.get((raw, encoding))
     if known is None:
         known = _header_fields(raw, encoding, name)
         if len(_KNOWN_HEADERS) < MAX_KNOWN_HEADERS:
             _KNOWN_HEADERS[raw, encoding] = known
-    header = NpyHeader(*known, start + header_len)
-    check_limits(header, name=name, limits=limits)
-    return header
+    return known
 
 
 # Headers already parsed, and what they said: clients send many arrays of one shape and dtype,

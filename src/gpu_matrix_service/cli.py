@@ -141,6 +141,9 @@ def serve(
     upload_threads: _opt(
         int, "GMS_UPLOAD_THREADS", "Threads checking large uploads as they arrive (0: none)."
     ) = None,
+    native_uploads: _opt(
+        bool, "GMS_NATIVE_UPLOADS", "Read small two-file uploads with the C reader."
+    ) = None,
     max_queued: _opt(int, "GMS_MAX_QUEUED", "Requests that may wait; beyond, 503.") = None,
     compute_timeout_seconds: _opt(
         float, "GMS_COMPUTE_TIMEOUT_SECONDS", "Per-request compute timeout (504)."
@@ -325,6 +328,24 @@ def build_kernels_command(
     try:
         library = build_kernels(output_dir, nvcc, arch)
     except BuildError as exc:
+        err_console.print(f"[red]error[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    console.print(f"built {library}")
+
+
+@app.command("build-native")
+def build_native_command(
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Where to write libgms_whole_body.so (default: package).")
+    ] = None,
+    compiler: Annotated[str | None, typer.Option(help="C compiler (default: cc on PATH).")] = None,
+) -> None:
+    """Compile the C reader of small uploads (native/whole_body.c) with the C compiler."""
+    from gpu_matrix_service.native.whole_body import NativeBuildError, build_whole_body_library
+
+    try:
+        library = build_whole_body_library(output_dir, compiler)
+    except NativeBuildError as exc:
         err_console.print(f"[red]error[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     console.print(f"built {library}")

@@ -19,6 +19,7 @@ import numpy as np
 
 from gpu_matrix_service.admission import Admission, Ticket
 from gpu_matrix_service.array_stream import ArrayStream
+from gpu_matrix_service.arrays import MAX_HEADER_BYTES as MAX_NPY_HEADER_BYTES
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.backends.base import Backend, LaunchingBackend, Result, RunOptions
 from gpu_matrix_service.backends.cpu import CpuBackend
@@ -29,9 +30,11 @@ from gpu_matrix_service.errors import (
     DeviceOutOfMemory,
     PayloadTooLarge,
 )
+from gpu_matrix_service.native.whole_body import load_whole_body_layout
 from gpu_matrix_service.ops import Op, plan
 from gpu_matrix_service.settings import Settings
-from gpu_matrix_service.zip_records import decode_in_one_piece
+from gpu_matrix_service.uploads import MAX_HEADER_BYTES, whole_body_reader
+from gpu_matrix_service.zip_records import decode_in_one_piece, decode_laid_out_npy
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,15 @@ class ComputeService:
             else None
         )
         self.admission = Admission(settings.compute_threads + settings.max_queued)
+        # The upload of a small body that arrived whole, read natively when it can be.
+        self.read_whole_body = whole_body_reader(
+            self.decode_in_one_piece,
+            load_whole_body_layout(MAX_HEADER_BYTES, MAX_NPY_HEADER_BYTES)
+            if settings.native_uploads
+            else None,
+            self._decode_laid_out,
+            self.limits.verify_stored_crc,
+        )
         # The limits on an upload's arrival and on a computation's wait, for every request.
         self.upload_deadlines = Deadlines(settings.upload_timeout_seconds)
         self.compute_deadlines = Deadlines(settings.compute_timeout_seconds)
@@ -124,6 +136,12 @@ class ComputeService:
         """A decoder for one uploaded file of at most ``most_bytes``, writing into the
         backend's host memory."""
         return ArrayStream(name, self.limits, self._allocate, most_bytes, self._upload_pool)
+
+    def _decode_laid_out(
+        self, name: str, header_text: bytes, encoding: str, data: memoryview
+    ) -> np.ndarray | None:
+        return decode_laid_out_npy(header_text, encoding, data, name=name, limits=self.limits,
+                                   allocate=self._allocate)  # fmt: skip
 
     def decode_in_one_piece(self, name: str, data: memoryview) -> np.ndarray | None:
         """A whole uploaded file's array in the backend's host memory, when numpy's own

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         description="Threads that check large uploads while they arrive: CRC-32 and the search "
         "for the multipart boundary (0: on the event loop).",
     )
+    native_uploads: bool = Field(
+        True,
+        description="Find the parts and arrays of a small two-file upload in one call of the "
+        "C reader (built with the C compiler at hand; without one, Python reads them).",
+    )
     max_queued: int = Field(
         64,
         ge=0,

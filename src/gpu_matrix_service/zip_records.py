@@ -19,7 +19,15 @@ import numpy as np
 # zlib-ng: the same API as zlib, with SIMD CRC-32 (about 4x zlib's) and a faster inflate.
 from zlib_ng import zlib_ng as zlib
 
-from gpu_matrix_service.arrays import NPY_MAGIC, Allocator, ArrayLimits, parse_npy_header
+from gpu_matrix_service.arrays import (
+    NPY_MAGIC,
+    Allocator,
+    ArrayLimits,
+    NpyHeader,
+    check_limits,
+    header_fields,
+    parse_npy_header,
+)
 from gpu_matrix_service.errors import ServiceError
 
 LOCAL_HEADER: Final = struct.Struct("<4sHHHHHIIIHH")
@@ -79,14 +87,35 @@ def _native_npy(
     """A C-ordered native-byte-order ``.npy`` copied into ``allocate``'s array, or None
     (a reorder or byte swap is the stream's, which moves a large one off the event loop)."""
     header = parse_npy_header(data, name=name, limits=limits)
-    if (
-        not header.dtype.isnative
-        or header.fortran_order
-        or len(data) - header.data_offset != header.nbytes
-    ):
+    return _native_copy(header, data[header.data_offset :], allocate)
+
+
+def decode_laid_out_npy(
+    header_text: bytes,
+    encoding: str,
+    data: memoryview,
+    *,
+    name: str,
+    limits: ArrayLimits,
+    allocate: Allocator,
+) -> np.ndarray | None:
+    """The array of a ``.npy`` whose header's dictionary text and data the native reader
+    found (``native/whole_body.c``), as :func:`decode_in_one_piece` would decode that file;
+    None where it would decline."""
+    try:
+        header = NpyHeader(*header_fields(header_text, encoding, name), 0)
+        check_limits(header, name=name, limits=limits)
+    except ServiceError:
+        return None
+    return _native_copy(header, data, allocate)
+
+
+def _native_copy(header: NpyHeader, data: memoryview, allocate: Allocator) -> np.ndarray | None:
+    if not header.dtype.isnative or header.fortran_order or len(data) != header.nbytes:
         return None
     out = allocate(header.shape, header.dtype)
-    memoryview(out.reshape(-1).view(np.uint8))[:] = data[header.data_offset :]
+    if len(data):  # a view with a 0 in its shape has no flat cast
+        out.data.cast("B")[:] = data  # C-contiguous: one flat view (a third of a reshape's)
     return out
 
 

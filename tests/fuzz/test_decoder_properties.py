@@ -26,19 +26,31 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gpu_matrix_service import array_checks, uploads
 from gpu_matrix_service.array_stream import ArrayStream
+from gpu_matrix_service.arrays import MAX_HEADER_BYTES as MAX_NPY_HEADER_BYTES
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.errors import BadArrayInput, PayloadTooLarge, ServiceError
-from gpu_matrix_service.uploads import MAX_PARTS, MAX_TEXT_FIELD_BYTES, Upload, read_multipart
-from gpu_matrix_service.zip_records import decode_in_one_piece
+from gpu_matrix_service.native.whole_body import load_whole_body_layout
+from gpu_matrix_service.uploads import (
+    MAX_HEADER_BYTES,
+    MAX_PARTS,
+    MAX_TEXT_FIELD_BYTES,
+    Upload,
+    read_multipart,
+    whole_body_reader,
+)
+from gpu_matrix_service.zip_records import decode_in_one_piece, decode_laid_out_npy
 
 MiB = 1024 * 1024
 LIMITS = ArrayLimits(max_bytes=1 * MiB, max_elements=2**18, max_dims=8)
+# The native reader of small uploads (native/whole_body.c), built here if need be; None (and
+# its properties skipped) where there is no C compiler.
+NATIVE_LAYOUT = load_whole_body_layout(MAX_HEADER_BYTES, MAX_NPY_HEADER_BYTES)
 # One decode under LIMITS may hold the input's copy, the array (1 MiB, twice when byte-swapped)
 # and one inflate step (ArrayStream inflates 4 MiB at a time, and zlib's output buffer briefly
 # holds that twice): 16 MiB, and nothing like the 256 MiB the zip bombs below inflate to.
@@ -675,13 +687,14 @@ def parse(
     content_length: str | None,
     max_bytes: int,
     pool: Executor | None = None,
-    whole: bool = False,
+    whole: bool | str = False,
 ) -> Upload | ServiceError:
     """What the route makes of the body: an Upload whose files are decoded, or a ServiceError.
 
     As ``routes/ops.py`` does, ``read_multipart`` then ``operands`` (here: all of the files).
     ``pool``: where the decoders check large arrays (the service's upload threads); ``whole``:
-    a body that came in one chunk may be read whole, as the route lets it.
+    a body that came in one chunk may be read whole, as the route lets it ("native": by the
+    native reader first, as the service does where it is built).
     """
 
     def open_file(name: str, most: int) -> ArrayStream:
@@ -690,11 +703,20 @@ def parse(
     def decode_whole(name: str, data: memoryview) -> np.ndarray | None:
         return decode_in_one_piece(data, name=name, limits=LIMITS, allocate=np.empty)
 
+    def decode_laid_out(name: str, text: bytes, encoding: str, data: memoryview):
+        return decode_laid_out_npy(text, encoding, data, name=name, limits=LIMITS,
+                                   allocate=np.empty)  # fmt: skip
+
+    read_whole = None
+    if whole == "native":
+        read_whole = whole_body_reader(decode_whole, NATIVE_LAYOUT, decode_laid_out)
+    elif whole:
+        read_whole = whole_body_reader(decode_whole)
     try:
         upload = asyncio.run(
             read_multipart(stream(chunks), content_type=content_type,
                            content_length=content_length, max_bytes=max_bytes,
-                           open_file=open_file, decode_whole=decode_whole if whole else None)
+                           open_file=open_file, read_whole=read_whole)
         )  # fmt: skip
         asyncio.run(upload.operands(len(upload.files)))
     except ServiceError as exc:
@@ -834,6 +856,52 @@ def test_bodies_read_whole_parse_as_the_splitter_parses_them(upload):
     for ours, theirs in zip(whole.parts, split.parts, strict=True):
         if theirs.array is not None:
             assert ours.array is not None
+            assert (ours.array.dtype, ours.array.shape) == (theirs.array.dtype, theirs.array.shape)
+            assert ours.array.tobytes() == theirs.array.tobytes()
+
+
+needs_native = pytest.mark.skipif(NATIVE_LAYOUT is None, reason="no C compiler for the reader")
+
+
+@st.composite
+def two_file_uploads(draw: st.DrawFn) -> tuple[list[bytes], str, str, int]:
+    """What the native reader is for (two files as clients send them), mutated or not."""
+    boundary = draw(st.text(BOUNDARY_CHARS, min_size=1, max_size=70))
+    parts = []
+    for _ in range(2):
+        name, filename = draw(SAFE_NAME), draw(SAFE_NAME)
+        content_type = draw(st.sampled_from([None, "application/octet-stream"]))
+        parts.append((name, filename, content_type, *draw(array_files(STREAMABLE))))
+    assume(all(f"\r\n--{boundary}".encode() not in b"\r\n" + p[3] for p in parts))
+    body = multipart_body(boundary, parts)
+    if draw(st.booleans()):
+        body = draw(byte_mutations(body))
+    return [body], f"multipart/form-data; boundary={boundary}", str(len(body)), len(body)
+
+
+@needs_native
+@settings(FUZZ, max_examples=400)
+@given(st.one_of(two_file_uploads(), malformed_uploads()))
+def test_bodies_the_native_reader_lays_out_parse_as_the_python_readers_parse_them(upload):
+    # Any body, in one chunk of its declared length: read natively first, the same parts and
+    # arrays as the Python readers', or exactly their refusal (every error is left to them).
+    chunks, content_type, _, max_bytes = upload
+    body = b"".join(chunks)
+    note(f"body: {body!r}, content type {content_type!r}")
+    boundary = content_type.partition("boundary=")[2].encode() if content_type else b""
+    event("laid out natively" if NATIVE_LAYOUT(body, boundary) else "declined natively")
+    python = parse([body], content_type, str(len(body)), max_bytes, whole=True)
+    native = parse([body], content_type, str(len(body)), max_bytes, whole="native")
+    if isinstance(python, ServiceError):
+        assert (type(native), getattr(native, "detail", None)) == (type(python), python.detail)
+        return
+    assert isinstance(native, Upload), native
+    assert [(p.name, p.filename, p.content_type, bytes(p.text)) for p in native.parts] == [
+        (p.name, p.filename, p.content_type, bytes(p.text)) for p in python.parts
+    ]
+    for ours, theirs in zip(native.parts, python.parts, strict=True):
+        assert (ours.array is None) == (theirs.array is None)
+        if theirs.array is not None:
             assert (ours.array.dtype, ours.array.shape) == (theirs.array.dtype, theirs.array.shape)
             assert ours.array.tobytes() == theirs.array.tobytes()
 

@@ -183,6 +183,8 @@ def test_dockerfile_builds_with_uv_and_nvcc_and_runs_slim_non_root_images():
     assert "uv sync --locked --no-dev" in build and "UV_COMPILE_BYTECODE=1" in build
     assert "--mount=type=cache" in build
     assert "gpu-matrix-service build-kernels" in build
+    assert "gpu-matrix-service build-native" in build
+    assert "gpu-matrix-service build-native" in " ".join(stages["build-cpu"])
     assert "nvidia/cuda:" in stages["runtime"][0] and "-runtime-" in stages["runtime"][0]
     assert list(stages)[-1] == "runtime", "the GPU image must be the default (last) target"
     for name in ("runtime", "runtime-cpu"):
@@ -192,7 +194,9 @@ def test_dockerfile_builds_with_uv_and_nvcc_and_runs_slim_non_root_images():
         assert any(i.startswith("HEALTHCHECK") and "/health/ready" in i for i in instructions)
         assert any(i.startswith("EXPOSE ") for i in instructions)
         assert any(i.startswith("CMD") and "serve" in i for i in instructions)
-        assert not any("build-kernels" in i or "uv sync" in i for i in instructions)
+        assert not any(
+            "build-kernels" in i or "build-native" in i or "uv sync" in i for i in instructions
+        )
 
 
 def test_configuration_page_documents_every_setting():

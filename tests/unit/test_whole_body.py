@@ -10,7 +10,13 @@ import pytest
 from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import ArrayLimits
 from gpu_matrix_service.errors import ServiceError
-from gpu_matrix_service.uploads import MAX_HEADER_BYTES, MAX_PARTS, Upload, read_multipart
+from gpu_matrix_service.uploads import (
+    MAX_HEADER_BYTES,
+    MAX_PARTS,
+    Upload,
+    read_multipart,
+    whole_body_reader,
+)
 from gpu_matrix_service.whole_body import WHOLE_BODY_BYTES, split_whole_body
 from gpu_matrix_service.zip_records import decode_in_one_piece
 
@@ -89,7 +95,8 @@ def read(body: bytes, whole: bool, content_length: str | None = "auto", chunk: i
         upload = await read_multipart(
             chunks(), content_type="multipart/form-data; boundary=b0undary",
             content_length=str(len(body)) if content_length == "auto" else content_length,
-            max_bytes=1 << 30, open_file=open_file, decode_whole=decode if whole else None,
+            max_bytes=1 << 30, open_file=open_file,
+            read_whole=whole_body_reader(decode) if whole else None,
         )  # fmt: skip
         await upload.operands(len(upload.files))
         return upload

@@ -263,7 +263,7 @@ async def run_op(
                     content_length=request.headers.get("content-length"),
                     max_bytes=settings.max_upload_bytes,
                     open_file=service.open_stream,  # each file decodes as it arrives
-                    decode_whole=service.decode_in_one_piece,  # or all at once, when small
+                    read_whole=service.read_whole_body,  # or all at once, when small
                 )
         except TimeoutError:
             raise RequestTimeout(

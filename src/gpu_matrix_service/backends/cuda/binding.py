@@ -25,6 +25,7 @@ import numpy as np
 
 from gpu_matrix_service.backends.base import BackendUnavailable
 from gpu_matrix_service.errors import BackendFailure, DeviceOutOfMemory, ServiceError
+from gpu_matrix_service.native import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -413,11 +414,6 @@ def _completion_buffers() -> tuple[ctypes.Array[ctypes.c_uint64], ctypes.Array[c
 def _timings(values: ctypes.Array[ctypes.c_double]) -> dict[str, float]:
     h2d, kernel, d2h, total = values
     return {"h2d": h2d, "kernel": kernel, "d2h": d2h, "total": total}
-
-
-def user_cache_dir() -> Path:
-    """Where a library built at start-up goes: ``~/.cache/gpu-matrix-service``."""
-    return Path.home() / ".cache" / "gpu-matrix-service"
 
 
 def locate_library(configured: Path | None) -> Path:
