@@ -119,6 +119,8 @@ class Upload:
         their arrays finished. A finish that is heavy (a whole file to decode, a large byte
         swap) runs on a worker thread, not on the event loop."""
         files = self._pick(count)
+        if all(part.array is not None for part in files):  # read whole: nothing to finish
+            return files
         start = time.perf_counter()
         for part in files:
             if part.stream is not None and part.stream.busy:  # CRC or search still running
