@@ -34,7 +34,7 @@ from gpu_matrix_service.native.whole_body import load_whole_body_layout
 from gpu_matrix_service.ops import Op, plan
 from gpu_matrix_service.settings import Settings
 from gpu_matrix_service.uploads import MAX_HEADER_BYTES, whole_body_reader
-from gpu_matrix_service.zip_records import decode_in_one_piece, decode_laid_out_npy
+from gpu_matrix_service.zip_records import LaidOutNpyDecoder, decode_in_one_piece
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class ComputeService:
             load_whole_body_layout(MAX_HEADER_BYTES, MAX_NPY_HEADER_BYTES)
             if settings.native_uploads
             else None,
-            self._decode_laid_out,
+            LaidOutNpyDecoder(self.limits, self._allocate),
             self.limits.verify_stored_crc,
         )
         # The limits on an upload's arrival and on a computation's wait, for every request.
@@ -136,12 +136,6 @@ class ComputeService:
         """A decoder for one uploaded file of at most ``most_bytes``, writing into the
         backend's host memory."""
         return ArrayStream(name, self.limits, self._allocate, most_bytes, self._upload_pool)
-
-    def _decode_laid_out(
-        self, name: str, header_text: bytes, encoding: str, data: memoryview
-    ) -> np.ndarray | None:
-        return decode_laid_out_npy(header_text, encoding, data, name=name, limits=self.limits,
-                                   allocate=self._allocate)  # fmt: skip
 
     def decode_in_one_piece(self, name: str, data: memoryview) -> np.ndarray | None:
         """A whole uploaded file's array in the backend's host memory, when numpy's own

@@ -44,7 +44,7 @@ from gpu_matrix_service.uploads import (
     read_multipart,
     whole_body_reader,
 )
-from gpu_matrix_service.zip_records import decode_in_one_piece, decode_laid_out_npy
+from gpu_matrix_service.zip_records import LaidOutNpyDecoder, decode_in_one_piece
 
 MiB = 1024 * 1024
 LIMITS = ArrayLimits(max_bytes=1 * MiB, max_elements=2**18, max_dims=8)
@@ -703,9 +703,7 @@ def parse(
     def decode_whole(name: str, data: memoryview) -> np.ndarray | None:
         return decode_in_one_piece(data, name=name, limits=LIMITS, allocate=np.empty)
 
-    def decode_laid_out(name: str, text: bytes, encoding: str, data: memoryview):
-        return decode_laid_out_npy(text, encoding, data, name=name, limits=LIMITS,
-                                   allocate=np.empty)  # fmt: skip
+    decode_laid_out = LaidOutNpyDecoder(LIMITS, np.empty)
 
     read_whole = None
     if whole == "native":

@@ -16,7 +16,7 @@ from gpu_matrix_service.arrays import MAX_HEADER_BYTES as MAX_NPY_HEADER_BYTES
 from gpu_matrix_service.arrays import ArrayLimits
 from gpu_matrix_service.native import whole_body
 from gpu_matrix_service.uploads import MAX_HEADER_BYTES, read_laid_out_body, read_whole_body
-from gpu_matrix_service.zip_records import decode_in_one_piece, decode_laid_out_npy
+from gpu_matrix_service.zip_records import LaidOutNpyDecoder, decode_in_one_piece
 
 from arrayfiles import npy_bytes, npz_bytes, npz_compressed_bytes
 
@@ -52,8 +52,7 @@ def decode(name: str, data: memoryview) -> np.ndarray | None:
     return decode_in_one_piece(data, name=name, limits=LIMITS, allocate=np.empty)
 
 
-def decode_laid_out(name: str, text: bytes, encoding: str, data: memoryview):
-    return decode_laid_out_npy(text, encoding, data, name=name, limits=LIMITS, allocate=np.empty)
+decode_laid_out = LaidOutNpyDecoder(LIMITS, np.empty)
 
 
 def npy_version(array: np.ndarray, version: tuple[int, int]) -> bytes:
@@ -233,3 +232,18 @@ def test_the_reader_reads_nothing_outside_the_body_under_address_sanitizer(tmp_p
     laid_out, total = map(int, ran.stdout.split())
     assert total == len(bodies)
     assert laid_out >= len(seeds)  # the unmutated ones at least
+
+
+def test_a_remembered_header_decides_as_it_did_the_first_time():
+    decoder = LaidOutNpyDecoder(ArrayLimits(max_bytes=64, max_elements=16, max_dims=2), np.empty)
+    ok = b"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }"
+    too_big = b"{'descr': '<f8', 'fortran_order': False, 'shape': (20,), }"
+    fortran = b"{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }"
+    data = np.arange(6, dtype=np.float32)
+    for _ in range(2):  # the second time from what was remembered
+        got = decoder("a", ok, "latin1", memoryview(data.tobytes()))
+        np.testing.assert_array_equal(got, data.reshape(2, 3))
+        assert decoder("a", ok, "latin1", memoryview(data.tobytes()[:-4])) is None  # short
+        assert decoder("a", too_big, "latin1", memoryview(bytes(160))) is None
+        assert decoder("a", fortran, "latin1", memoryview(data.tobytes())) is None
+        assert decoder("a", b"{'descr': 'junk'}", "latin1", memoryview(b"")) is None
