@@ -6,6 +6,7 @@ work, so a shape or dtype error never reaches a GPU.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -60,11 +61,18 @@ class Op:
         """NumPy's promotion of the two operand dtypes; non-numeric dtypes are refused."""
         for dtype in (a_dtype, b_dtype):
             check_numeric_dtype(dtype)
-        dtype = np.result_type(a_dtype, b_dtype)
+        dtype = _promoted(a_dtype, b_dtype)
         if self.name == "subtract" and dtype == np.bool_:
             # NumPy refuses boolean subtraction; say so plainly instead of failing in a backend.
             raise UnsupportedDType("subtract is not defined for two boolean arrays")
         return dtype
+
+
+@functools.lru_cache(maxsize=256)
+def _promoted(a_dtype: np.dtype, b_dtype: np.dtype) -> np.dtype:
+    """``np.result_type``, remembered: numeric dtypes are a small set, and NumPy takes about
+    a microsecond to work each pair out."""
+    return np.result_type(a_dtype, b_dtype)
 
 
 def check_numeric_dtype(dtype: np.dtype) -> None:
