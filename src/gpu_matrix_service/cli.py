@@ -141,6 +141,9 @@ def serve(
     upload_threads: _opt(
         int, "GMS_UPLOAD_THREADS", "Threads checking large uploads as they arrive (0: none)."
     ) = None,
+    launch_tiny: _opt(
+        bool, "GMS_LAUNCH_TINY", "Launch tiny GPU work without waiting on the loop."
+    ) = None,
     native_uploads: _opt(
         bool, "GMS_NATIVE_UPLOADS", "Read small two-file uploads with the C reader."
     ) = None,

@@ -108,7 +108,9 @@ class ComputeService:
         self.compute_deadlines = Deadlines(settings.compute_timeout_seconds)
         self._running: set[Future[Result]] = set()
         self._inline_paused_until = 0.0  # time.monotonic() seconds
-        self._launcher, self._loop = self._watch_launches(backend)
+        self._launcher, self._loop = (
+            self._watch_launches(backend) if settings.launch_tiny else (None, None)
+        )
 
     @staticmethod
     def _watch_launches(

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         description="Threads that check large uploads while they arrive: CRC-32 and the search "
         "for the multipart boundary (0: on the event loop).",
     )
+    launch_tiny: bool = Field(
+        True,
+        description="On the CUDA C backend, launch tiny elementwise work from the event loop "
+        "and answer when the GPU reports it done (false: wait for the GPU on the loop).",
+    )
     native_uploads: bool = Field(
         True,
         description="Find the parts and arrays of a small two-file upload in one call of the "

@@ -115,3 +115,16 @@ def test_a_launch_that_fails_fails_that_request_only():
         assert app.state.compute.admission.active == 0
 
     serve(backend, scenario)
+
+
+def test_with_launching_off_tiny_work_is_computed_on_the_loop():
+    backend = LaunchingFakeBackend()
+
+    async def scenario(http, app):
+        a, b, files = operands(2)
+        response = await http.post("/v1/ops/add?result=json", files=files)
+        assert response.status_code == 200
+        np.testing.assert_array_equal(np.array(response.json()["result"], np.float32), a + b)
+        assert (backend.launches, backend.inline_runs) == (0, 1)
+
+    serve(backend, scenario, launch_tiny=False)
