@@ -44,6 +44,8 @@ DECLINED_FLAGS: Final = 0x1 | 0x8
 # A deflated member inflating to more than this is left to the stream, which inflates it in
 # bounded steps.
 MOST_INFLATED_BYTES: Final = 1 << 20
+# Longest .npy header text a LaidOutNpyDecoder remembers.
+MOST_KNOWN_TEXT: Final = 1024
 
 
 def zip64_sizes(extra: bytes | memoryview, packed: int, size: int) -> tuple[int, int]:
@@ -97,8 +99,10 @@ class LaidOutNpyDecoder:
     :func:`decode_in_one_piece` would decode that file, or None where it would decline.
 
     What each header text allows (shape, dtype and data bytes, checked against ``limits``,
-    or a refusal) is remembered, up to ``MAX_KNOWN_HEADERS`` texts: clients send many arrays
-    of one shape, and the checks cost about 4 us a file in place.
+    or a refusal) is remembered, up to ``MAX_KNOWN_HEADERS`` texts of at most
+    ``MOST_KNOWN_TEXT`` bytes (numpy writes about 120; longer ones are checked each time, so
+    crafted headers cannot fill memory): clients send many arrays of one shape, and the checks
+    cost about 4 us a file in place.
     """
 
     def __init__(self, limits: ArrayLimits, allocate: Allocator) -> None:
@@ -113,7 +117,7 @@ class LaidOutNpyDecoder:
             known = self._known[key]
         except KeyError:
             known = self._allowed(name, header_text, encoding)
-            if len(self._known) < MAX_KNOWN_HEADERS:
+            if len(self._known) < MAX_KNOWN_HEADERS and len(header_text) <= MOST_KNOWN_TEXT:
                 self._known[key] = known
         if known is None or len(data) != known[2]:
             return None

@@ -247,3 +247,11 @@ def test_a_remembered_header_decides_as_it_did_the_first_time():
         assert decoder("a", too_big, "latin1", memoryview(bytes(160))) is None
         assert decoder("a", fortran, "latin1", memoryview(data.tobytes())) is None
         assert decoder("a", b"{'descr': 'junk'}", "latin1", memoryview(b"")) is None
+
+
+def test_long_header_texts_are_checked_each_time_not_remembered():
+    decoder = LaidOutNpyDecoder(LIMITS, np.empty)
+    for i in range(50):
+        text = b"{'descr': '<f4', 'fortran_order': False, 'shape': (%d,), }" % i
+        assert decoder("a", text + b" " * 2000, "latin1", memoryview(bytes(4 * i))) is not None
+    assert decoder._known == {}  # crafted long headers cannot fill the memory

@@ -273,7 +273,10 @@ class CudaBackend:
         with contextlib.suppress(BlockingIOError):  # a wake with nothing new
             os.eventfd_read(fd)  # resets the count; the queue below is what counts
         for job, seconds in self._library.take_completions(device.context):
-            launched = self._launched.pop(job)
+            launched = self._launched.pop(job, None)
+            if launched is None:  # never ours: the others must still be reported
+                log.error("%s reported an unknown launched job %d", device.label, job)
+                continue
             timings = {"h2d": 0.0, "kernel": seconds, "d2h": 0.0, "total": seconds}
             launched.done(self._result(device, launched.out, timings))
 
