@@ -35,6 +35,7 @@ from gpu_matrix_service.app import create_app
 from gpu_matrix_service.backends.base import RunOptions
 from gpu_matrix_service.bench.floor import create_floor_app
 from gpu_matrix_service.compute import ComputeService
+from gpu_matrix_service.metrics import ServiceMetrics
 from gpu_matrix_service.ops import get_op
 from gpu_matrix_service.settings import Settings
 from gpu_matrix_service.whole_body import split_whole_body
@@ -195,7 +196,7 @@ async def main(args: argparse.Namespace) -> None:
         timed(ops, "read_multipart", "read and decode")
         timed(uploads.Upload, "operands", "operands")
         timed(compute.ComputeService, "compute", "compute")
-        timed(ops, "_observe", "metrics")
+        timed(ServiceMetrics, "record_computation", "metrics")
         timed(ops, "run_op", "handler")
     settings = Settings(_env_file=None, backend=args.backend)
     essentials = None

@@ -22,12 +22,7 @@ from gpu_matrix_service.auth import bearer, require_token
 from gpu_matrix_service.backends.base import Result, RunOptions
 from gpu_matrix_service.errors import NotAcceptable, PayloadTooLarge, RequestTimeout
 from gpu_matrix_service.ops import OPS, Op, get_op
-from gpu_matrix_service.routes.state import (
-    compute_service,
-    route_template,
-    service_metrics,
-    settings_of,
-)
+from gpu_matrix_service.routes.state import operation_state, route_template
 from gpu_matrix_service.uploads import read_multipart
 
 # Describes the two endpoints in OpenAPI. Requests reach them through dispatch_routes(), plain
@@ -250,10 +245,9 @@ async def run_op(
     request: Request, op: Op, result_format: ResultFormat | None, allow_tf32: bool
 ) -> Response:
     """Read the upload, compute, and answer in the format the client asked for."""
-    settings = settings_of(request)
+    settings, service, metrics = operation_state(request)
     if settings.api_tokens:  # what the described routes' guard dependency declares
         await require_token(request, await bearer(request))
-    service = compute_service(request)
     headers = _headers(request.scope)
     with service.admit() as ticket:  # 503 before the body is read when the queue is full
         try:
@@ -271,7 +265,6 @@ async def run_op(
                 f"the upload took longer than {settings.upload_timeout_seconds:g} s "
                 "(GMS_UPLOAD_TIMEOUT_SECONDS)"
             ) from None
-        metrics = service_metrics(request)
         endpoint = route_template(request.scope)
         metrics.series(metrics.upload_bytes, endpoint).record(upload.body_bytes)
         a, b = await upload.operands()
@@ -279,7 +272,9 @@ async def run_op(
         assert b.array is not None
         outcome = await service.compute(op, a.array, b.array, RunOptions(allow_tf32), ticket)
     timings = {"decode": upload.decode_seconds, **outcome.timings}
-    _observe(request, op, outcome, timings)
+    metrics.record_computation(
+        op.name, outcome.backend, outcome.device, timings, outcome.array.size
+    )
     fmt = result_format or _format_from_accept(headers.get(b"accept", ""))
     if fmt in (ResultFormat.npz, ResultFormat.npy):
         return await _array_response(outcome, op, timings, fmt)
@@ -375,9 +370,3 @@ def _format_from_accept(accept: str) -> ResultFormat | None:
     if NPY_MEDIA_TYPE in accept:
         return ResultFormat.npy
     return None
-
-
-def _observe(request: Request, op: Op, outcome: Result, timings: dict[str, float]) -> None:
-    service_metrics(request).record_computation(
-        op.name, outcome.backend, outcome.device, timings, outcome.array.size
-    )

@@ -35,6 +35,13 @@ def settings_of(request: Request) -> Settings:
     return settings
 
 
+def operation_state(request: Request) -> tuple[Settings, ComputeService, ServiceMetrics]:
+    """The settings, compute service and metrics an operation request uses, in one look at
+    the app's state (each look costs about a microsecond)."""
+    state = request.app.state
+    return state.settings, state.compute, state.metrics
+
+
 UNMATCHED = "<unmatched>"
 
 
