@@ -63,8 +63,9 @@ class LaunchingFakeBackend(CpuBackend):
             os.eventfd_write(self.fd, 1)
         return True
 
-    def finish_held(self) -> None:
-        self.ready += self.held
+    def finish_held(self, error=None) -> None:
+        """Report the held jobs: done, or failed with ``error`` (a device error)."""
+        self.ready += [(done, error or result) for done, result in self.held]
         self.held = []
         os.eventfd_write(self.fd, 1)
 

@@ -140,7 +140,7 @@ def header_fields(raw: bytes, encoding: str, name: str) -> tuple[np.dtype, tuple
     known = _KNOWN_HEADERS.get((raw, encoding))
     if known is None:
         known = _header_fields(raw, encoding, name)
-        if len(_KNOWN_HEADERS) < MAX_KNOWN_HEADERS:
+        if len(_KNOWN_HEADERS) < MAX_KNOWN_HEADERS and len(raw) <= MOST_KNOWN_TEXT:
             _KNOWN_HEADERS[raw, encoding] = known
     return known
 
@@ -149,6 +149,9 @@ def header_fields(raw: bytes, encoding: str, name: str) -> tuple[np.dtype, tuple
 # and parsing one costs about 15 us. Only valid headers are kept; once this many are, no more
 # (a client sending endless new shapes just parses them each time).
 MAX_KNOWN_HEADERS: Final = 1024
+# Longer header texts are parsed each time: numpy writes about 120 bytes, and valid headers
+# padded to 64 KiB must not be able to fill 1024 places with 64 MiB.
+MOST_KNOWN_TEXT: Final = 1024
 _KNOWN_HEADERS: dict[tuple[bytes, str], tuple[np.dtype, tuple[int, ...], bool]] = {}
 
 
@@ -175,11 +178,11 @@ def _literal_header(raw: bytes, encoding: str, name: str) -> dict[str, object]:
     plain = NUMPY_HEADER.fullmatch(raw)
     if plain is not None:
         descr, fortran, dims = plain.groups()
-        return {
-            "descr": descr.decode(),
-            "fortran_order": fortran == b"True",
-            "shape": tuple(int(d) for d in dims.split(b",") if d.strip()),
-        }
+        try:
+            shape = tuple(int(d) for d in dims.split(b",") if d.strip())
+        except ValueError:  # more digits than int() converts (4300): no real dimension
+            raise BadArrayInput(f"{name}: .npy header has an invalid shape") from None
+        return {"descr": descr.decode(), "fortran_order": fortran == b"True", "shape": shape}
     try:
         fields = ast.literal_eval(raw.decode(encoding))
     except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError, TypeError):

@@ -29,6 +29,7 @@ from gpu_matrix_service.errors import (
     ComputeTimeout,
     DeviceOutOfMemory,
     PayloadTooLarge,
+    ServiceError,
 )
 from gpu_matrix_service.native.whole_body import load_whole_body_layout
 from gpu_matrix_service.ops import Op, plan
@@ -195,10 +196,14 @@ class ComputeService:
             return None
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
 
-        def done(result: Result) -> None:
+        def done(outcome: Result | ServiceError) -> None:
             ticket.release()
-            if not future.done():  # it may have timed out
-                future.set_result(result)
+            if future.done():  # it timed out
+                return
+            if isinstance(outcome, ServiceError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
         start = time.monotonic()
         try:

@@ -11,13 +11,14 @@ A watched task still inside its watch when its slot's timer fires is cancelled, 
 turns that cancellation into :class:`TimeoutError`, as ``asyncio.timeout`` does (the same
 ``cancel``/``uncancel`` bookkeeping, so an outside cancellation still propagates). The limit
 is kept to within one slot: a watch may end up to ``slot_seconds`` after its limit, never
-before.
+before. An infinite limit watches nothing, as ``asyncio.timeout(inf)`` never fires.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from types import TracebackType
 from typing import Final
 
@@ -32,32 +33,37 @@ class Deadlines:
     def __init__(self, seconds: float, slot_seconds: float = SLOT_SECONDS) -> None:
         self.seconds = seconds
         self.slot_seconds = slot_seconds
-        self._slots: dict[int, set[Watch]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None  # whose timers _slots has
+        # Per loop (tests and benchmarks run several): each loop's slots and their timers.
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, set[Watch]]]
+        self._slots = weakref.WeakKeyDictionary()
 
     def watch(self) -> Watch:
         """A context manager (plain ``with``, inside a coroutine) that limits the current task's
         time inside it; :class:`TimeoutError` when the limit passes."""
         return Watch(self)
 
-    def _file(self, watch: Watch, loop: asyncio.AbstractEventLoop) -> set[Watch]:
-        if loop is not self._loop:  # another loop (tests run several): its own timers
-            self._loop, self._slots = loop, {}
+    def _file(self, watch: Watch, loop: asyncio.AbstractEventLoop) -> set[Watch] | None:
+        if not math.isfinite(self.seconds):  # no limit (inf): nothing to watch
+            return None
+        slots = self._slots.get(loop)
+        if slots is None:
+            slots = self._slots[loop] = {}
         slot = math.ceil((loop.time() + self.seconds) / self.slot_seconds)
-        members = self._slots.get(slot)
+        members = slots.get(slot)
         if members is None:
-            members = self._slots[slot] = set()
-            loop.call_at(slot * self.slot_seconds, self._expire, slot)
+            members = slots[slot] = set()
+            loop.call_at(slot * self.slot_seconds, _expire, slots, slot)
         members.add(watch)
         return members
 
-    def _expire(self, slot: int) -> None:
-        for watch in self._slots.pop(slot, ()):
-            watch.expire()
-
     def watched(self) -> int:
-        """How many watches are open (for tests and shutdown logs)."""
-        return sum(len(members) for members in self._slots.values())
+        """How many watches are open, on every loop (for tests and shutdown logs)."""
+        return sum(len(m) for slots in self._slots.values() for m in slots.values())
+
+
+def _expire(slots: dict[int, set[Watch]], slot: int) -> None:
+    for watch in slots.pop(slot, ()):
+        watch.expire()
 
 
 class Watch:

@@ -21,6 +21,7 @@ from zlib_ng import zlib_ng as zlib
 
 from gpu_matrix_service.arrays import (
     MAX_KNOWN_HEADERS,
+    MOST_KNOWN_TEXT,
     NPY_MAGIC,
     Allocator,
     ArrayLimits,
@@ -44,8 +45,6 @@ DECLINED_FLAGS: Final = 0x1 | 0x8
 # A deflated member inflating to more than this is left to the stream, which inflates it in
 # bounded steps.
 MOST_INFLATED_BYTES: Final = 1 << 20
-# Longest .npy header text a LaidOutNpyDecoder remembers.
-MOST_KNOWN_TEXT: Final = 1024
 
 
 def zip64_sizes(extra: bytes | memoryview, packed: int, size: int) -> tuple[int, int]:

@@ -128,3 +128,20 @@ def test_with_launching_off_tiny_work_is_computed_on_the_loop():
         assert (backend.launches, backend.inline_runs) == (0, 1)
 
     serve(backend, scenario, launch_tiny=False)
+
+
+def test_a_launched_job_that_fails_on_the_device_fails_its_request_and_frees_its_place():
+    backend = LaunchingFakeBackend(hold=True)
+
+    async def scenario(http, app):
+        *_, files = operands()
+        pending = asyncio.create_task(http.post("/add", files=files))
+        while not backend.held:
+            await asyncio.sleep(0.01)
+        backend.finish_held(BackendFailure("GPU computation failed: an illegal memory access"))
+        failed = await pending
+        assert failed.status_code == 503
+        assert "illegal memory access" in failed.json()["detail"]
+        assert app.state.compute.admission.active == 0
+
+    serve(backend, scenario)

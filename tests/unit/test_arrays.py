@@ -209,3 +209,12 @@ def test_encoders_write_what_numpy_load_reads(rng):
     with np.load(io.BytesIO(encode_npz(array)), allow_pickle=False) as archive:
         np.testing.assert_array_equal(archive["result"], array)
     np.testing.assert_array_equal(np.load(io.BytesIO(encode_npy(array))), array)
+
+
+def test_a_shape_with_more_digits_than_int_converts_is_400_not_500():
+    # int() refuses more than 4300 digits with ValueError, which escaped as a 500.
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (" + b"9" * 5000 + b",), }"
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+    with pytest.raises(BadArrayInput, match="invalid shape"):
+        decode_array(data, name="file_a", limits=LIMITS)

@@ -10,7 +10,7 @@ import pytest
 
 from gpu_matrix_service.backends.base import BackendUnavailable
 from gpu_matrix_service.backends.cuda import binding, build
-from gpu_matrix_service.errors import BackendFailure
+from gpu_matrix_service.errors import BackendFailure, DeviceOutOfMemory
 from gpu_matrix_service.settings import Settings
 
 needs_nvcc = pytest.mark.skipif(build.find_nvcc() is None, reason="nvcc is not installed")
@@ -69,6 +69,15 @@ def test_library_reports_a_missing_gpu_as_an_error_not_a_crash(tmp_path):
     except BackendFailure as exc:  # a machine without a driver or GPU, as in CI
         outcome = exc.detail
     assert outcome.isdigit() or "cudaGetDeviceCount" in outcome
+
+
+@needs_nvcc
+def test_a_launched_jobs_cuda_error_becomes_a_typed_error(tmp_path):
+    library = binding.KernelLibrary(build.build_kernels(output_dir=tmp_path, archs=["90"]))
+    assert isinstance(library.launch_error(2), DeviceOutOfMemory)  # cudaErrorMemoryAllocation
+    illegal = library.launch_error(700)  # cudaErrorIllegalAddress
+    assert isinstance(illegal, BackendFailure)
+    assert "illegal memory access" in illegal.detail
 
 
 def test_bad_arch_is_refused():

@@ -4,6 +4,8 @@ one that finishes in time, or is cancelled from outside, is left as it is."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
@@ -91,3 +93,37 @@ def test_each_event_loop_gets_its_own_timers():
 
     run(late())
     run(late())  # a second loop: the first loop's (never fired) timers must not be relied on
+
+
+def test_an_infinite_limit_watches_nothing_as_asyncio_timeout_does():
+    async def main() -> None:
+        deadlines = Deadlines(float("inf"))
+        with deadlines.watch():
+            await asyncio.sleep(0.01)
+            assert deadlines.watched() == 0
+
+    run(main())
+
+
+def test_loops_in_two_threads_each_keep_their_own_limits():
+    deadlines = Deadlines(0.2, slot_seconds=0.02)
+    outcomes: dict[str, str] = {}
+
+    def in_thread(label: str) -> None:
+        async def main() -> None:
+            try:
+                with deadlines.watch():
+                    await asyncio.sleep(2)
+                outcomes[label] = "no timeout"
+            except TimeoutError:
+                outcomes[label] = "timeout"
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=in_thread, args=(label,)) for label in "ab"]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)  # the second loop files its watch while the first waits
+    for thread in threads:
+        thread.join(5)
+    assert outcomes == {"a": "timeout", "b": "timeout"}

@@ -255,3 +255,21 @@ def test_long_header_texts_are_checked_each_time_not_remembered():
         text = b"{'descr': '<f4', 'fortran_order': False, 'shape': (%d,), }" % i
         assert decoder("a", text + b" " * 2000, "latin1", memoryview(bytes(4 * i))) is not None
     assert decoder._known == {}  # crafted long headers cannot fill the memory
+
+
+def test_without_a_writable_cache_the_python_readers_read_everything(monkeypatch, tmp_path):
+    if (whole_body.SOURCE.parent / whole_body.LIBRARY_NAME).is_file():
+        pytest.skip("the package has a built reader: nothing is built at start-up")
+    not_a_directory = tmp_path / "home"
+    not_a_directory.write_text("")  # even root cannot make a directory below a file
+    monkeypatch.setattr(whole_body, "user_cache_dir", lambda: not_a_directory / "cache")
+    assert whole_body.load_whole_body_layout(MAX_HEADER_BYTES, MAX_NPY_HEADER_BYTES) is None
+
+
+def test_a_header_padded_past_a_kilobyte_is_not_remembered_globally():
+    from gpu_matrix_service import arrays
+
+    text = b"{'descr': '<f4', 'fortran_order': False, 'shape': (7, 11), }" + b" " * 4000
+    before = len(arrays._KNOWN_HEADERS)
+    assert arrays.header_fields(text, "latin1", "a")[1] == (7, 11)
+    assert len(arrays._KNOWN_HEADERS) == before

@@ -14,7 +14,7 @@ from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from gpu_matrix_service.errors import DeviceOutOfMemory
+from gpu_matrix_service.errors import DeviceOutOfMemory, ServiceError
 from gpu_matrix_service.ops import Op
 
 DeviceKind = Literal["GPU", "CPU"]
@@ -106,11 +106,12 @@ class LaunchingBackend(Protocol):
 
     The service launches on the event loop, which goes on with other requests while the GPU
     works, and watches ``completion_fds()``: when one turns readable it calls
-    ``finish_launched(fd)``, which calls each finished job's ``done`` on the loop.
+    ``finish_launched(fd)``, which calls each finished job's ``done`` on the loop, with its
+    :class:`Result` or the :class:`~gpu_matrix_service.errors.ServiceError` it met.
     """
 
     def launch_if_idle(
-        self, op: Op, a: np.ndarray, b: np.ndarray, done: Callable[[Result], None]
+        self, op: Op, a: np.ndarray, b: np.ndarray, done: Callable[[Result | ServiceError], None]
     ) -> bool:
         """Start ``op(a, b)`` (operands checked and promoted as for ``run``) on a device with
         nothing in flight and return True at once; False when it cannot, with nothing

@@ -86,12 +86,12 @@ def locate_whole_body_library() -> Path | None:
     packaged = SOURCE.parent / LIBRARY_NAME
     if packaged.is_file():
         return packaged
-    cached = user_cache_dir() / f"whole-body-{source_digest()}" / LIBRARY_NAME
-    if cached.is_file():
-        return cached
     try:
+        cached = user_cache_dir() / f"whole-body-{source_digest()}" / LIBRARY_NAME
+        if cached.is_file():
+            return cached
         return build_whole_body_library(cached.parent)
-    except NativeBuildError as exc:
+    except (NativeBuildError, OSError, RuntimeError) as exc:  # no compiler, no writable home
         log.info("small uploads are read in Python: the native reader is not built (%s)", exc)
         return None
 

@@ -226,14 +226,15 @@ class CudaBackend:
         )
 
     def launch_if_idle(
-        self, op: Op, a: np.ndarray, b: np.ndarray, done: Callable[[Result], None]
+        self, op: Op, a: np.ndarray, b: np.ndarray, done: Callable[[Result | ServiceError], None]
     ) -> bool:
         """Start elementwise ``op(a, b)`` on a GPU with no request in flight and return at once
         (False, nothing started: not elementwise, over ``ZERO_COPY_BYTES``, operands not in
-        pinned blocks, or every device busy). The kernel reads and writes pinned host memory
-        itself; :meth:`finish_launched` calls ``done(result)`` once it has finished.
-        Timings: ``kernel`` and ``total`` from the launch to the end of the kernel (host
-        clock, waiting behind earlier launched jobs included), ``h2d`` and ``d2h`` 0."""
+        pinned blocks, every device busy, or out of memory). The kernel reads and writes
+        pinned host memory itself; :meth:`finish_launched` calls ``done(result)`` once it has
+        finished, or ``done(error)`` if it met a device error. Timings: ``kernel`` and
+        ``total`` from the launch to the end of the kernel (host clock, waiting behind
+        earlier launched jobs included), ``h2d`` and ``d2h`` 0."""
         if not op.elementwise or a.size == 0 or a.nbytes > ZERO_COPY_BYTES:
             return False
         if not (in_pinned_block(a) and in_pinned_block(b)):
@@ -252,7 +253,10 @@ class CudaBackend:
             if not in_pinned_block(out):
                 return False
             job = next(self._job_ids)
-            self._library.elementwise_launch(device.context, op.name, a, b, out, job)
+            try:
+                self._library.elementwise_launch(device.context, op.name, a, b, out, job)
+            except DeviceOutOfMemory:
+                return False  # as run_if_idle: a worker's run frees the cache and retries
             self._launched[job] = LaunchedJob(device, out, (a, b), done)
             return True
         finally:
@@ -272,13 +276,22 @@ class CudaBackend:
             return
         with contextlib.suppress(BlockingIOError):  # a wake with nothing new
             os.eventfd_read(fd)  # resets the count; the queue below is what counts
-        for job, seconds in self._library.take_completions(device.context):
+        for job, seconds, status in self._library.take_completions(device.context):
             launched = self._launched.pop(job, None)
             if launched is None:  # never ours: the others must still be reported
                 log.error("%s reported an unknown launched job %d", device.label, job)
                 continue
-            timings = {"h2d": 0.0, "kernel": seconds, "d2h": 0.0, "total": seconds}
-            launched.done(self._result(device, launched.out, timings))
+            outcome: Result | ServiceError
+            if status == 0:
+                timings = {"h2d": 0.0, "kernel": seconds, "d2h": 0.0, "total": seconds}
+                outcome = self._result(device, launched.out, timings)
+            else:
+                outcome = self._library.launch_error(status)
+                log.error("%s: %s", device.label, outcome.detail)
+            try:
+                launched.done(outcome)
+            except Exception:  # one caller's bug must not lose the rest of the batch
+                log.exception("reporting launched job %d failed", job)
 
     def launched_jobs(self) -> int:
         """Launched jobs not yet reported."""

@@ -29,7 +29,7 @@ from gpu_matrix_service.native import user_cache_dir
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION: Final = 2
+ABI_VERSION: Final = 3
 LIBRARY_NAME: Final = "libgms_kernels.so"
 PACKAGE_DIR: Final = Path(__file__).resolve().parent
 ERROR_BUFFER_BYTES: Final = 1024
@@ -108,9 +108,12 @@ _PLAIN_SIGNATURES: Final[dict[str, list[type]]] = {
     "gms_context_has_cublas": [_ptr],
     "gms_context_notify_fd": [_ptr],
 }
-# Returns a count (size_t), not a status.
+# Return a count (size_t) and a C string, not a status.
 _TAKE_COMPLETIONS: Final = "gms_take_completions"
-EXPORTED_SYMBOLS: Final = tuple(sorted([*_SIGNATURES, *_PLAIN_SIGNATURES, _TAKE_COMPLETIONS]))
+_ERROR_TEXT: Final = "gms_cuda_error_text"
+EXPORTED_SYMBOLS: Final = tuple(
+    sorted([*_SIGNATURES, *_PLAIN_SIGNATURES, _TAKE_COMPLETIONS, _ERROR_TEXT])
+)
 # Finished launched jobs taken per call of take_completions (more wait for the next).
 COMPLETIONS_PER_TAKE: Final = 256
 
@@ -152,8 +155,11 @@ class KernelLibrary:
             getattr(self._lib, name).argtypes = args
             getattr(self._lib, name).restype = ctypes.c_int
         take = getattr(self._lib, _TAKE_COMPLETIONS)
-        take.argtypes = [_ptr, ctypes.POINTER(ctypes.c_uint64), _double_p, _size]
+        take.argtypes = [_ptr, ctypes.POINTER(ctypes.c_uint64), _double_p, _int_p, _size]
         take.restype = ctypes.c_size_t
+        error_text = getattr(self._lib, _ERROR_TEXT)
+        error_text.argtypes = [_int]
+        error_text.restype = ctypes.c_char_p
         abi = self._lib.gms_abi_version()
         if abi != ABI_VERSION:
             raise BackendUnavailable(
@@ -292,15 +298,23 @@ class KernelLibrary:
         """The context's eventfd: readable when launched jobs have finished."""
         return int(self._lib.gms_context_notify_fd(context))
 
-    def take_completions(self, context: int) -> list[tuple[int, float]]:
-        """Finished launched jobs, oldest first: (job, seconds from launch to finish)."""
-        found: list[tuple[int, float]] = []
-        jobs, seconds = _completion_buffers()
+    def take_completions(self, context: int) -> list[tuple[int, float, int]]:
+        """Finished launched jobs, oldest first: (job, seconds from launch to finish, status:
+        0, or the CUDA error it met; :meth:`launch_error` makes that an exception)."""
+        found: list[tuple[int, float, int]] = []
+        jobs, seconds, statuses = _completion_buffers()
         while True:
-            taken = self._lib.gms_take_completions(context, jobs, seconds, COMPLETIONS_PER_TAKE)
-            found += zip(jobs[:taken], seconds[:taken], strict=True)
+            taken = self._lib.gms_take_completions(
+                context, jobs, seconds, statuses, COMPLETIONS_PER_TAKE
+            )
+            found += zip(jobs[:taken], seconds[:taken], statuses[:taken], strict=True)
             if taken < COMPLETIONS_PER_TAKE:
                 return found
+
+    def launch_error(self, status: int) -> ServiceError:
+        """The typed error of a launched job that finished with CUDA error ``status``."""
+        text = self._lib.gms_cuda_error_text(status) or b"unknown error"
+        return status_error(status, f"launched kernel: {text.decode(errors='replace')}")
 
     def matmul(
         self,
@@ -400,13 +414,16 @@ def _error_buffer() -> ctypes.Array[ctypes.c_char]:
     return buffer
 
 
-def _completion_buffers() -> tuple[ctypes.Array[ctypes.c_uint64], ctypes.Array[ctypes.c_double]]:
+def _completion_buffers() -> tuple[
+    ctypes.Array[ctypes.c_uint64], ctypes.Array[ctypes.c_double], ctypes.Array[ctypes.c_int]
+]:
     """This thread's arrays that take_completions fills."""
     buffers = getattr(_THREAD_STATE, "completions", None)
     if buffers is None:
         buffers = _THREAD_STATE.completions = (
             (ctypes.c_uint64 * COMPLETIONS_PER_TAKE)(),
             (ctypes.c_double * COMPLETIONS_PER_TAKE)(),
+            (ctypes.c_int * COMPLETIONS_PER_TAKE)(),
         )
     return buffers
 

@@ -32,7 +32,7 @@
 #define GMS_API extern "C" __attribute__((visibility("default")))
 
 // Bumped whenever an exported signature changes; binding.py refuses a library of another ABI.
-static const int kAbiVersion = 2;
+static const int kAbiVersion = 3;
 
 enum : int {
   GMS_CUBLAS_STATUS_BASE = 10000,
@@ -280,6 +280,7 @@ struct Staging {
 struct Completion {
   uint64_t job;
   double seconds;  // from the launch call to the end of the kernel, host clock
+  int status;      // cudaSuccess, or the device error the kernel (or one before it) met
 };
 
 struct DeviceContext;
@@ -623,21 +624,24 @@ GMS_API int gms_elementwise_zero_copy(void* handle, int op, int dtype, const voi
 // Launched jobs: a small elementwise request started without waiting for it
 //
 // The caller's thread (the service's event loop) only launches: the kernel reads a and b from
-// pinned host memory and writes out there, on the context's launch stream, and a host function
-// queued behind it reports the job to the context's completion queue and counts the eventfd
-// up. The loop wakes on the eventfd and takes the finished jobs (gms_take_completions), so the
-// GPU's round trip (15-38 us on H200 machines, docs/benchmarks.md) overlaps other requests'
-// work instead of holding the loop. A host function may not call CUDA; this one only locks,
-// appends and writes.
+// pinned host memory and writes out there, on the context's launch stream, and a stream
+// callback queued behind it reports the job to the context's completion queue and counts the
+// eventfd up. The loop wakes on the eventfd and takes the finished jobs (gms_take_completions),
+// so the GPU's round trip (15-38 us on H200 machines, docs/benchmarks.md) overlaps other
+// requests' work instead of holding the loop. cudaStreamAddCallback rather than
+// cudaLaunchHostFunc: a host function is never called once the context has met a device
+// error, which would leave its request waiting for the compute timeout and its admission
+// place and arrays held for good; a stream callback is called exactly once, with the error.
+// It may not call CUDA; this one only locks, appends and writes.
 
-static void CUDART_CB report_job_done(void* data) {
+static void CUDART_CB report_job_done(cudaStream_t, cudaError_t status, void* data) {
   LaunchedJob* job = static_cast<LaunchedJob*>(data);
   DeviceContext* c = job->context;
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - job->start).count();
   {
     std::lock_guard<std::mutex> lock(c->done_mutex);
-    c->done.push_back(Completion{job->job, seconds});
+    c->done.push_back(Completion{job->job, seconds, static_cast<int>(status)});
   }
   delete job;
   const uint64_t one = 1;
@@ -670,12 +674,20 @@ GMS_API int gms_elementwise_launch(void* handle, int op, int dtype, const void* 
   LaunchedJob* launched = new LaunchedJob{c, job, std::chrono::steady_clock::now()};
   cudaError_t e = (launch_dtype(dtype, op, out, a, b, n, c->sm_count, c->launch),
                    cudaGetLastError());
-  if (e == cudaSuccess) e = cudaLaunchHostFunc(c->launch, report_job_done, launched);
+  if (e == cudaSuccess) e = cudaStreamAddCallback(c->launch, report_job_done, launched, 0);
   if (e != cudaSuccess) {
     delete launched;
+    // The kernel may be queued: the caller reuses the arrays once this returns, so wait.
+    cudaStreamSynchronize(c->launch);
+    cudaGetLastError();
     return report_cuda(e, "gms_elementwise_launch", __LINE__, err, errlen);
   }
   return 0;
+}
+
+// The name and text of a CUDA error code (a launched job's status), e.g. for a log line.
+GMS_API const char* gms_cuda_error_text(int status) {
+  return cudaGetErrorString(static_cast<cudaError_t>(status));
 }
 
 // The eventfd that counts up once per finished launched job (the caller reads it to reset it).
@@ -683,14 +695,17 @@ GMS_API int gms_context_notify_fd(void* handle) {
   return static_cast<DeviceContext*>(handle)->notify_fd;
 }
 
-// Moves up to `most` finished jobs, oldest first, into jobs[] and seconds[]; returns how many.
-GMS_API size_t gms_take_completions(void* handle, uint64_t* jobs, double* seconds, size_t most) {
+// Moves up to `most` finished jobs, oldest first, into jobs[], seconds[] and statuses[]
+// (0, or the CUDA error the job met); returns how many.
+GMS_API size_t gms_take_completions(void* handle, uint64_t* jobs, double* seconds,
+                                    int* statuses, size_t most) {
   DeviceContext* c = static_cast<DeviceContext*>(handle);
   std::lock_guard<std::mutex> lock(c->done_mutex);
   const size_t taken = std::min(most, c->done.size());
   for (size_t i = 0; i < taken; ++i) {
     jobs[i] = c->done[i].job;
     seconds[i] = c->done[i].seconds;
+    statuses[i] = c->done[i].status;
   }
   c->done.erase(c->done.begin(), c->done.begin() + static_cast<std::ptrdiff_t>(taken));
   return taken;
