@@ -78,9 +78,10 @@ class Settings(BaseSettings):
         "for the multipart boundary (0: on the event loop).",
     )
     launch_tiny: bool = Field(
-        True,
+        False,
         description="On the CUDA C backend, launch tiny elementwise work from the event loop "
-        "and answer when the GPU reports it done (false: wait for the GPU on the loop).",
+        "and answer when the GPU reports it done (false: wait for the GPU on the loop). Off "
+        "until it has run on a GPU (docs/benchmarks.md, 2026-12-07).",
     )
     native_uploads: bool = Field(
         True,

@@ -21,6 +21,7 @@ from fake_backends import LaunchingFakeBackend
 
 def serve(backend: LaunchingFakeBackend, scenario, **settings: object) -> None:
     """Run ``scenario(http, app)`` against the app on one event loop, lifespan included."""
+    settings = {"launch_tiny": True, **settings}
     app = create_app(Settings(backend="cpu", _env_file=None, **settings), backend=backend)
 
     async def main() -> None:
@@ -115,6 +116,10 @@ def test_a_launch_that_fails_fails_that_request_only():
         assert app.state.compute.admission.active == 0
 
     serve(backend, scenario)
+
+
+def test_launching_is_off_unless_asked_for():
+    assert Settings(_env_file=None).launch_tiny is False
 
 
 def test_with_launching_off_tiny_work_is_computed_on_the_loop():

@@ -139,7 +139,7 @@ def test_the_library_refuses_pageable_operands_instead_of_faulting(backend, rng)
 
 
 def test_the_service_answers_tiny_requests_from_launched_jobs():
-    app = create_app(Settings(_env_file=None, backend="cuda"))
+    app = create_app(Settings(_env_file=None, backend="cuda", launch_tiny=True))
     rng = np.random.default_rng(7)
     pairs = [rng.standard_normal((2, 64, 64)).astype(np.float32) for _ in range(64)]
 
