@@ -1,8 +1,9 @@
 """Behaviour every GPU backend owes, checked alike for cuda and numba (on a GPU, and numba's
-under the CUDA simulator too)."""
+under the CUDA simulator too), and the test data the GPU test modules share."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -55,3 +56,20 @@ def check_run_if_idle(
     assert again is not None
     np.testing.assert_array_equal(again.array, getattr(np, again_op)(a, b))
     return results
+
+
+def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Random values over the dtype's range (floats: normal, times 100)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return (rng.standard_normal(shape) * 100).astype(dtype)
+    info = np.iinfo(dtype)  # the full range: sums and products wrap around, as in NumPy
+    return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+
+
+def poison_pinned_pool(backend: Backend, shape: tuple[int, ...], dtype) -> None:
+    """Leave a pinned block full of garbage in the pool, where the next result may land."""
+    junk = backend.empty_host(shape, dtype)
+    junk.view(np.uint8)[...] = 0xFF
+    del junk
+    gc.collect()

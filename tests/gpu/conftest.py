@@ -1,10 +1,15 @@
-"""GPU tests: skipped, with the reason, when NVML finds no NVIDIA GPU on this machine."""
+"""GPU tests: skipped, with the reason, when NVML finds no NVIDIA GPU on this machine; and
+what the CUDA C backend's test modules share."""
 
 from __future__ import annotations
 
 import os
+import zlib
 
+import numpy as np
 import pytest
+
+from gpu_matrix_service.settings import Settings
 
 
 def _nvml_gpu_count() -> tuple[int, str]:
@@ -59,3 +64,20 @@ def nvml_used_bytes():
         return pynvml.nvmlDeviceGetMemoryInfo(handle).used
 
     return used
+
+
+@pytest.fixture(scope="module")
+def backend():
+    """The CUDA C backend on every visible GPU, one per test module (test_numba_backend.py
+    has its own ``backend``)."""
+    from gpu_matrix_service.backends.cuda.backend import CudaBackend
+
+    cuda = CudaBackend(Settings(_env_file=None, backend="cuda"))
+    yield cuda
+    cuda.close()
+
+
+@pytest.fixture
+def rng(request):
+    """Random numbers seeded by the test's name: a failure repeats."""
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))

@@ -8,13 +8,12 @@ import gc
 import math
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from backend_cases import check_run_if_idle
+from backend_cases import check_run_if_idle, poison_pinned_pool, random_array
 from gpu_matrix_service.backends.base import BackendUnavailable, RunOptions
 from gpu_matrix_service.backends.cuda.pools import size_class
 from gpu_matrix_service.errors import BackendFailure, DeviceOutOfMemory, UnsupportedDType
@@ -29,38 +28,8 @@ SHAPES = [(1, 1), (1, 4099), (4099, 1), (1023, 1025), (3, 5, 7), (4096, 4096)]
 MiB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def backend():
-    from gpu_matrix_service.backends.cuda.backend import CudaBackend
-
-    cuda = CudaBackend(Settings(_env_file=None, backend="cuda"))
-    yield cuda
-    cuda.close()
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
-
-
-def random_array(rng, shape, dtype):
-    dtype = np.dtype(dtype)
-    if dtype.kind == "f":
-        return (rng.standard_normal(shape) * 100).astype(dtype)
-    info = np.iinfo(dtype)  # the full range: sums and products wrap around, as in NumPy
-    return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
-
-
 def relative_error(out, reference):
     return float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
-
-
-def poison_pinned_pool(backend, shape, dtype):
-    """Leave a pinned block full of garbage in the pool, where the next result may land."""
-    junk = backend.empty_host(shape, dtype)
-    junk.view(np.uint8)[...] = 0xFF
-    del junk
-    gc.collect()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

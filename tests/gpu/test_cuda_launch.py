@@ -6,15 +6,14 @@ launch is not safe; and the service's event loop answering with them. Skipped wi
 from __future__ import annotations
 
 import asyncio
-import gc
 import io
 import select
-import zlib
 
 import httpx
 import numpy as np
 import pytest
 
+from backend_cases import poison_pinned_pool, random_array
 from gpu_matrix_service.app import create_app
 from gpu_matrix_service.backends.base import RunOptions
 from gpu_matrix_service.errors import BackendFailure
@@ -29,27 +28,10 @@ DTYPES = [np.float32, np.float64, np.int32, np.int64]
 MiB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def backend():
-    from gpu_matrix_service.backends.cuda.backend import CudaBackend
-
-    cuda = CudaBackend(Settings(_env_file=None, backend="cuda"))
-    yield cuda
-    cuda.close()
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
-
-
 def pinned(backend, rng, shape, dtype):
+    """Random values in an array of the backend's pinned pool."""
     array = backend.empty_host(shape, dtype)
-    if np.dtype(dtype).kind == "f":
-        array[...] = rng.standard_normal(shape) * 100
-    else:
-        info = np.iinfo(dtype)
-        array[...] = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    array[...] = random_array(rng, shape, dtype)
     return array
 
 
@@ -61,13 +43,6 @@ def finish_all(backend, results: dict, expected: int, timeout: float = 20.0) -> 
         assert readable, f"only {len(results)} of {expected} launched jobs were reported"
         for fd in readable:
             backend.finish_launched(fd)
-
-
-def poison_pinned_pool(backend, shape, dtype):
-    junk = backend.empty_host(shape, dtype)
-    junk.view(np.uint8)[...] = 0xFF
-    del junk
-    gc.collect()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
