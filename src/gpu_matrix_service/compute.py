@@ -159,10 +159,11 @@ class ComputeService:
             # A hop to a worker thread and back costs more than tiny work: 0.1-0.3 ms, more
             # while the worker's Python waits for the GIL the loop holds. On a GPU only when
             # a device has nothing in flight: one busy with a matmul would hold the loop.
-            launched = self._launch(op, a, b, ticket)
+            checked_a, checked_b, backend = self._checked(op, a, b)  # once for both ways
+            launched = self._launch(op, checked_a, checked_b, backend, ticket)
             if launched is not None:
                 return await self._within_timeout(op, launched)
-            result = self._run_inline(op, a, b, options)
+            result = self._run_inline(op, checked_a, checked_b, backend, options)
             if result is not None:
                 return result
         future = self._executor.submit(self.run_arrays, op, a, b, options)
@@ -183,16 +184,14 @@ class ComputeService:
             ) from None
 
     def _launch(
-        self, op: Op, a: np.ndarray, b: np.ndarray, ticket: Ticket
+        self, op: Op, a: np.ndarray, b: np.ndarray, backend: Backend, ticket: Ticket
     ) -> asyncio.Future[Result] | None:
-        """Launch tiny ``op(a, b)`` on the backend and return the future of its result, or
-        None when the backend does not launch this work now. The launched job keeps
-        ``ticket`` until it has finished, as a worker thread's computation does."""
+        """Launch tiny ``op(a, b)`` (checked operands, for ``backend``) on the backend and
+        return the future of its result, or None when the backend does not launch this work
+        now. The launched job keeps ``ticket`` until it has finished, as a worker thread's
+        computation does."""
         launcher = self._launcher
-        if launcher is None:
-            return None
-        a, b, backend = self._checked(op, a, b)
-        if backend is not self.backend:
+        if launcher is None or backend is not self.backend:
             return None
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
 
@@ -229,18 +228,19 @@ class ComputeService:
 
     def run_arrays(self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions) -> Result:
         """Check ``a`` and ``b`` for ``op``, promote them, and compute on the best backend."""
-        result = self._run_checked(op, a, b, options, only_if_idle=False)
+        result = self._run_on(op, *self._checked(op, a, b), options, only_if_idle=False)
         assert result is not None  # None only for only_if_idle
         return result
 
     def _run_inline(
-        self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions
+        self, op: Op, a: np.ndarray, b: np.ndarray, backend: Backend, options: RunOptions
     ) -> Result | None:
-        """:meth:`run_arrays` if a device is idle (None if not); pauses inline work when it
-        held the caller longer than ``INLINE_BUDGET_SECONDS``."""
+        """:meth:`run_arrays` of checked operands on ``backend`` if a device is idle (None if
+        not); pauses inline work when it held the caller longer than
+        ``INLINE_BUDGET_SECONDS``."""
         start = time.monotonic()
         try:
-            return self._run_checked(op, a, b, options, only_if_idle=True)
+            return self._run_on(op, a, b, backend, options, only_if_idle=True)
         finally:
             self._pause_inline_if_held(op, start)
 
@@ -272,10 +272,16 @@ class ComputeService:
             backend = self.cpu
         return a, b, backend
 
-    def _run_checked(
-        self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions, *, only_if_idle: bool
+    def _run_on(
+        self,
+        op: Op,
+        a: np.ndarray,
+        b: np.ndarray,
+        backend: Backend,
+        options: RunOptions,
+        *,
+        only_if_idle: bool,
     ) -> Result | None:
-        a, b, backend = self._checked(op, a, b)
         try:
             if only_if_idle:
                 return backend.run_if_idle(op, a, b, options)

@@ -116,7 +116,7 @@ class LaunchedJob:
     device: GpuDevice
     out: np.ndarray
     operands: tuple[np.ndarray, np.ndarray]
-    done: Callable[[Result], None]
+    done: Callable[[Result | ServiceError], None]
 
 
 class CudaBackend:
