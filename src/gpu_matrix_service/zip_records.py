@@ -120,10 +120,7 @@ class LaidOutNpyDecoder:
                 self._known[key] = known
         if known is None or len(data) != known[2]:
             return None
-        out = self._allocate(known[0], known[1])
-        if len(data):  # a view with a 0 in its shape has no flat cast
-            out.data.cast("B")[:] = data
-        return out
+        return _filled(self._allocate, known[0], known[1], data)
 
     def _allowed(
         self, name: str, header_text: bytes, encoding: str
@@ -141,7 +138,14 @@ class LaidOutNpyDecoder:
 def _native_copy(header: NpyHeader, data: memoryview, allocate: Allocator) -> np.ndarray | None:
     if not header.dtype.isnative or header.fortran_order or len(data) != header.nbytes:
         return None
-    out = allocate(header.shape, header.dtype)
+    return _filled(allocate, header.shape, header.dtype, data)
+
+
+def _filled(
+    allocate: Allocator, shape: tuple[int, ...], dtype: np.dtype, data: memoryview
+) -> np.ndarray:
+    """A C-ordered array from ``allocate`` holding ``data``, its bytes exactly."""
+    out = allocate(shape, dtype)
     if len(data):  # a view with a 0 in its shape has no flat cast
         out.data.cast("B")[:] = data  # C-contiguous: one flat view (a third of a reshape's)
     return out
