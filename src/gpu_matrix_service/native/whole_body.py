@@ -17,15 +17,12 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import os
 import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Final
 
-from gpu_matrix_service.native import user_cache_dir
+from gpu_matrix_service.native import build_atomically, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +62,11 @@ def build_whole_body_library(output_dir: Path | None = None, compiler: str | Non
     if compiler is None:
         raise NativeBuildError("no C compiler (cc, gcc or clang) on PATH")
     output_dir = Path(output_dir) if output_dir is not None else SOURCE.parent
-    output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / LIBRARY_NAME
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".build-") as scratch:
-        partial = Path(scratch) / LIBRARY_NAME
-        command = [compiler, *C_FLAGS, "-o", str(partial), str(SOURCE)]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-        except OSError as exc:
-            raise NativeBuildError(f"cannot run {compiler}: {exc}") from exc
-        if done.returncode != 0:
-            raise NativeBuildError(f"{' '.join(command)} failed:\n{done.stderr}")
-        os.replace(partial, target)
-    return target
+    return build_atomically(
+        output_dir / LIBRARY_NAME,
+        lambda partial: [compiler, *C_FLAGS, "-o", str(partial), str(SOURCE)],
+        NativeBuildError,
+    )
 
 
 def locate_whole_body_library() -> Path | None:

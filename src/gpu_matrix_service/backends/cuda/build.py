@@ -13,10 +13,10 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Final
+
+from gpu_matrix_service.native import build_atomically, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def select_archs(listed: list[str]) -> list[int]:
 
 def supported_archs(nvcc: str) -> list[int]:
     """The architectures :func:`select_archs` picks from what ``nvcc`` lists."""
-    listing = _run([nvcc, "--list-gpu-arch"]).split()
+    listing = run_tool([nvcc, "--list-gpu-arch"], BuildError).split()
     archs = select_archs(listing)
     if not archs:
         raise BuildError(f"{nvcc} supports none of sm_{OLDEST_ARCH}..sm_{NEWEST_ARCH}: {listing}")
@@ -96,16 +96,6 @@ def _parse_arch(arch: str) -> int:
     return int(match.group(1))
 
 
-def _run(command: list[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-    except OSError as exc:
-        raise BuildError(f"cannot run {command[0]}: {exc}") from exc
-    if done.returncode != 0:
-        raise BuildError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
-    return done.stdout
-
-
 def build_kernels(
     output_dir: Path | None = None, nvcc: str | None = None, archs: list[str] | None = None
 ) -> Path:
@@ -121,11 +111,8 @@ def build_kernels(
         raise BuildError("nvcc not found on PATH or in /usr/local/cuda/bin")
     numbers = sorted({_parse_arch(a) for a in archs}) if archs else supported_archs(nvcc)
     output_dir = Path(output_dir) if output_dir is not None else SOURCE.parent
-    output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / LIBRARY_NAME
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".build-") as scratch:
-        partial = Path(scratch) / LIBRARY_NAME
-        log.info("building %s for sm_%s", target, ",".join(map(str, numbers)))
-        _run(nvcc_command(nvcc, partial, numbers))
-        os.replace(partial, target)
-    return target
+    log.info("building %s for sm_%s", target, ",".join(map(str, numbers)))
+    return build_atomically(
+        target, lambda partial: nvcc_command(nvcc, partial, numbers), BuildError
+    )
