@@ -29,6 +29,7 @@ import orjson
 from starlette.types import ASGIApp
 
 import gpu_matrix_service.compute as compute
+import gpu_matrix_service.multipart_splitter as multipart_splitter
 import gpu_matrix_service.routes.ops as ops
 import gpu_matrix_service.uploads as uploads
 from gpu_matrix_service.app import create_app
@@ -123,10 +124,12 @@ def create_essentials_app(settings: Settings) -> ASGIApp:
         body = (await receive())["body"]
         pieces = split_whole_body(
             body, uploads.multipart_boundary(content_type),
-            max_parts=uploads.MAX_PARTS, max_header_bytes=uploads.MAX_HEADER_BYTES,
+            max_parts=multipart_splitter.MAX_PARTS,
+            max_header_bytes=multipart_splitter.MAX_HEADER_BYTES,
         )  # fmt: skip
         assert pieces is not None
-        a, b = (service.decode_in_one_piece(uploads.part_from_headers(block).name, content)
+        part_name = multipart_splitter.part_from_headers
+        a, b = (service.decode_in_one_piece(part_name(block).name, content)
                 for block, content in pieces)  # fmt: skip
         assert a is not None
         assert b is not None

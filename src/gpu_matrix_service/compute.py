@@ -31,10 +31,11 @@ from gpu_matrix_service.errors import (
     PayloadTooLarge,
     ServiceError,
 )
+from gpu_matrix_service.multipart_splitter import MAX_HEADER_BYTES
 from gpu_matrix_service.native.whole_body import load_whole_body_layout
 from gpu_matrix_service.ops import Op, plan
 from gpu_matrix_service.settings import Settings
-from gpu_matrix_service.uploads import MAX_HEADER_BYTES, whole_body_reader
+from gpu_matrix_service.uploads import whole_body_reader
 from gpu_matrix_service.zip_records import LaidOutNpyDecoder, decode_in_one_piece
 
 log = logging.getLogger(__name__)

@@ -2,9 +2,9 @@
 
 A small upload reaches the app in one chunk. :func:`split_whole_body` finds its parts with a
 few ``bytes.find`` calls, instead of the chunk-by-chunk state machine of
-:class:`~gpu_matrix_service.uploads.MultipartSplitter` and a decoder object per file. Like
-:func:`~gpu_matrix_service.zip_records.decode_in_one_piece` it only succeeds or declines: a
-preamble, a header block too long, too many parts, a bad delimiter line or a missing closing
+:class:`~gpu_matrix_service.multipart_splitter.MultipartSplitter` and a decoder object per file.
+Like :func:`~gpu_matrix_service.zip_records.decode_in_one_piece` it only succeeds or declines:
+a preamble, a header block too long, too many parts, a bad delimiter line or a missing closing
 delimiter go back to the splitter, which reads the body again and words the error, so both
 paths give one answer. A part ends at the first delimiter, as the splitter's search ends it.
 """

@@ -30,16 +30,18 @@ from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gpu_matrix_service import array_checks, uploads
+from gpu_matrix_service import array_checks, multipart_splitter
 from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import MAX_HEADER_BYTES as MAX_NPY_HEADER_BYTES
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.errors import BadArrayInput, PayloadTooLarge, ServiceError
-from gpu_matrix_service.native.whole_body import load_whole_body_layout
-from gpu_matrix_service.uploads import (
+from gpu_matrix_service.multipart_splitter import (
     MAX_HEADER_BYTES,
     MAX_PARTS,
     MAX_TEXT_FIELD_BYTES,
+)
+from gpu_matrix_service.native.whole_body import load_whole_body_layout
+from gpu_matrix_service.uploads import (
     Upload,
     read_multipart,
     whole_body_reader,
@@ -816,7 +818,7 @@ def test_uploads_checked_off_the_loop_parse_as_they_do_on_it(upload_pool, upload
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(array_checks, "OFF_LOOP_BYTES", 1)
         patch.setattr(array_checks, "CHECK_BLOCK_BYTES", 64)
-        patch.setattr(uploads, "MIN_PLAIN_STRETCH", 1)
+        patch.setattr(multipart_splitter, "MIN_PLAIN_STRETCH", 1)
         off_loop = parse(chunks, content_type, content_length, max_bytes, upload_pool)
     if isinstance(on_loop, ServiceError):
         assert isinstance(off_loop, ServiceError), "accepted off the loop, refused on it"

@@ -11,7 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from gpu_matrix_service import uploads
+from gpu_matrix_service import multipart_splitter
 from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import ArrayLimits, decode_array
 from gpu_matrix_service.errors import BadArrayInput, BadRequest, PayloadTooLarge, ServiceError
@@ -195,7 +195,8 @@ def padded_part(pad: int, content: bytes, name: str = "file_a") -> bytes:
     return b"--b0undary\r\n" + block + b"\r\n\r\n" + content + b"\r\n"
 
 
-LONGEST_BLOCK = uploads.MAX_HEADER_BYTES - 4  # the block and its blank line fill the limit
+# The block and its blank line fill the limit.
+LONGEST_BLOCK = multipart_splitter.MAX_HEADER_BYTES - 4
 
 
 @pytest.mark.parametrize("chunk", [7, 1000, 16 * 1024 + 21, 1 << 20])
@@ -360,9 +361,9 @@ def test_an_upload_arriving_whole_is_decoded_in_one_piece_into_the_allocators_ar
     ],
 )
 def test_part_headers_read_in_one_step_as_line_by_line(monkeypatch, block):
-    fast = uploads.part_from_headers(block)
-    monkeypatch.setattr(uploads, "PLAIN_PART_HEADERS", re.compile(b"(?!)"))
-    by_line = uploads.part_from_headers(block)
+    fast = multipart_splitter.part_from_headers(block)
+    monkeypatch.setattr(multipart_splitter, "PLAIN_PART_HEADERS", re.compile(b"(?!)"))
+    by_line = multipart_splitter.part_from_headers(block)
     assert (fast.name, fast.filename, fast.content_type) == (
         by_line.name, by_line.filename, by_line.content_type,
     )  # fmt: skip

@@ -14,8 +14,9 @@ import pytest
 
 from gpu_matrix_service.arrays import MAX_HEADER_BYTES as MAX_NPY_HEADER_BYTES
 from gpu_matrix_service.arrays import ArrayLimits
+from gpu_matrix_service.multipart_splitter import MAX_HEADER_BYTES
 from gpu_matrix_service.native import whole_body
-from gpu_matrix_service.uploads import MAX_HEADER_BYTES, read_laid_out_body, read_whole_body
+from gpu_matrix_service.uploads import read_laid_out_body, read_whole_body
 from gpu_matrix_service.zip_records import LaidOutNpyDecoder, decode_in_one_piece
 
 from arrayfiles import npy_bytes, npz_bytes, npz_compressed_bytes

@@ -10,9 +10,8 @@ import pytest
 from gpu_matrix_service.array_stream import ArrayStream
 from gpu_matrix_service.arrays import ArrayLimits
 from gpu_matrix_service.errors import ServiceError
+from gpu_matrix_service.multipart_splitter import MAX_HEADER_BYTES, MAX_PARTS
 from gpu_matrix_service.uploads import (
-    MAX_HEADER_BYTES,
-    MAX_PARTS,
     Upload,
     read_multipart,
     whole_body_reader,
