@@ -1,6 +1,6 @@
 """The checks of one large array's bytes as its upload fills the destination, off the loop.
 
-An :class:`~gpu_matrix_service.array_stream.NpyStream` copies each received chunk into its
+An :class:`~gpu_matrix_service.npy_stream.NpyStream` copies each received chunk into its
 destination (pinned memory on a GPU backend) on the event loop. For an array of
 ``OFF_LOOP_BYTES`` or more, :class:`ArrayChecks` then hands each filled block of
 ``CHECK_BLOCK_BYTES`` to a :class:`~gpu_matrix_service.lanes.Lane`, which runs the zip

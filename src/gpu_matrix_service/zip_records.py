@@ -1,6 +1,6 @@
 """The zip records an ``.npz`` is made of, and the short way through one that came whole.
 
-:class:`~gpu_matrix_service.array_stream.ArrayStream` reads these records as bytes arrive.
+:class:`~gpu_matrix_service.npz_stream.NpzStream` reads these records as bytes arrive.
 When a whole file arrives in one piece, as small uploads do, :func:`decode_in_one_piece` reads
 the layout ``numpy.save`` and ``numpy.savez`` write (a bare ``.npy``, or an ``.npz`` of one
 stored or deflated member whose sizes are in its local header) in a few steps instead of
