@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <vector>
 
@@ -482,10 +483,11 @@ static int upload(DeviceContext* c, void* dst, const void* src, size_t bytes, bo
     if (status_ != 0) return status_;  \
   } while (0)
 
-// Wait for all three streams, whatever happened: buffers go back to Python's pools after this,
-// so no copy or kernel may still be using them. The first error is the one reported.
-static int finish_request(DeviceContext* c, int status, char* err, size_t errlen) {
-  for (cudaStream_t s : {c->in, c->compute, c->out}) {
+// Wait for `streams`, whatever happened: buffers go back to Python's pools after this, so no
+// copy or kernel may still be using them. The first error is the one reported.
+static int finish_streams(DeviceContext* c, std::initializer_list<cudaStream_t> streams,
+                          int status, char* err, size_t errlen) {
+  for (cudaStream_t s : streams) {
     cudaError_t e = cudaStreamSynchronize(s);
     if (e != cudaSuccess && status == 0) {
       status = report_cuda(e, "cudaStreamSynchronize", __LINE__, err, errlen);
@@ -493,6 +495,11 @@ static int finish_request(DeviceContext* c, int status, char* err, size_t errlen
   }
   if (status != 0) cudaGetLastError();
   return status;
+}
+
+// A request's end: all three streams.
+static int finish_request(DeviceContext* c, int status, char* err, size_t errlen) {
+  return finish_streams(c, {c->in, c->compute, c->out}, status, err, errlen);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -608,7 +615,9 @@ GMS_API int gms_elementwise_zero_copy(void* handle, int op, int dtype, const voi
   cudaError_t e = (launch_dtype(dtype, op, dev_out, dev_a, dev_b, n, c->sm_count, c->compute),
                    cudaGetLastError());
   int status = e == cudaSuccess ? 0 : report_cuda(e, "elementwise kernel", __LINE__, err, errlen);
-  status = finish_request(c, status, err, errlen);
+  // Only the compute stream has work: the copy streams are idle between requests, and each
+  // idle stream's synchronize is a driver call on the event loop's thread.
+  status = finish_streams(c, {c->compute}, status, err, errlen);
   if (status != 0) return status;
   if (dev_out != out) memcpy(out, dev_out, bytes);
   const double seconds =
