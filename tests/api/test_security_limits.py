@@ -226,13 +226,16 @@ def test_tiny_work_on_a_busy_gpu_runs_on_a_worker_thread_not_the_event_loop():
 
 
 class ThreadRecordingGpu(CpuBackend):
-    """A GPU backend posing as idle, recording which thread computed each request."""
+    """A GPU backend posing as idle, recording which thread computed each request. Its first
+    inline request takes ``first_inline_seconds``: spinning, as CUDA waits for a GPU, or
+    asleep, as a thread the OS does not run."""
 
     device_kind = "GPU"
 
-    def __init__(self, first_inline_seconds: float = 0.0) -> None:
+    def __init__(self, first_inline_seconds: float = 0.0, *, spinning: bool = True) -> None:
         super().__init__()
         self.first_inline_seconds = first_inline_seconds
+        self.spinning = spinning
         self.threads: list[tuple[str, str]] = []
 
     def run(self, op, a, b, options):
@@ -241,7 +244,11 @@ class ThreadRecordingGpu(CpuBackend):
 
     def run_if_idle(self, op, a, b, options):
         self.threads.append(("run_if_idle", threading.current_thread().name))
-        if len(self.threads) == 1:
+        if len(self.threads) == 1 and self.spinning:
+            spent = time.thread_time() + self.first_inline_seconds
+            while time.thread_time() < spent:
+                pass
+        elif len(self.threads) == 1:
             time.sleep(self.first_inline_seconds)
         return super().run(op, a, b, options)
 
@@ -267,6 +274,18 @@ def test_tiny_work_that_held_the_loop_too_long_goes_to_worker_threads_for_a_whil
     assert first == "run_if_idle"
     assert [kind for kind, _ in later] == ["run", "run"]
     assert all(thread.startswith("gms-compute") for _, thread in later)
+
+
+def test_tiny_work_delayed_without_using_the_loop_thread_stays_on_the_loop(monkeypatch):
+    # Asleep (the OS running something else) for twice the budget: a worker thread would have
+    # waited as long, so the next requests are still computed on the loop.
+    monkeypatch.setattr(compute, "INLINE_PAUSE_SECONDS", 60.0)
+    backend = ThreadRecordingGpu(2 * compute.INLINE_BUDGET_SECONDS, spinning=False)
+    with TestClient(create_app(Settings(backend="cpu", _env_file=None), backend)) as client:
+        loop_thread = client.portal.call(lambda: threading.current_thread().name)
+        for _ in range(3):
+            assert client.post("/add", files=TINY).status_code == 200
+    assert backend.threads == [("run_if_idle", loop_thread)] * 3
 
 
 def test_tokens_that_are_only_commas_and_metrics_auth_without_tokens_are_refused():
