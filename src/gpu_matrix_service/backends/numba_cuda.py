@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 from numba import cuda
@@ -38,9 +36,9 @@ from gpu_matrix_service.backends.base import (
     run_while_first,
     take_device,
 )
+from gpu_matrix_service.backends.numba_devices import SIMULATED, MiB, NumbaGpu, NumbaLane
 from gpu_matrix_service.backends.numba_memory import (
     CUDA_ERRORS,
-    DeviceBuffers,
     size_class,
 )
 from gpu_matrix_service.backends.pinned import PinnedArrayPool
@@ -54,12 +52,8 @@ log = logging.getLogger(__name__)
 # message starts with a terminal colour code, hence the leading wildcard).
 warnings.filterwarnings("ignore", message=".*Grid size", category=NumbaPerformanceWarning)
 
-MiB: Final = 1 << 20
 # Free pinned host buffers kept for reuse, in bytes; beyond this, returned buffers are freed.
 PINNED_KEEP_BYTES: Final = 2048 * MiB
-# Share of a device's memory its cache of free buffers may hold between requests.
-DEVICE_KEEP_FRACTION: Final = 0.25
-SIMULATED: Final[bool] = bool(cuda.config.ENABLE_CUDASIM)
 # The simulator swaps module globals while a kernel runs, so its launches cannot overlap.
 _SIMULATOR_SERIAL: Final = threading.Lock() if SIMULATED else contextlib.nullcontext()
 
@@ -78,121 +72,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """Whether a CUDA error is ``CUDA_ERROR_OUT_OF_MEMORY`` (a ``CudaAPIError`` from numba)."""
     code = getattr(exc, "code", None)
     return "OUT_OF_MEMORY" in str(getattr(code, "name", "")) or "OUT_OF_MEMORY" in str(exc)
-
-
-class _Mark:
-    """A point on a stream's timeline: a CUDA event on a GPU; the host clock under the
-    simulator, where every call completes before it returns."""
-
-    __slots__ = ("event", "time")
-
-    def __init__(self) -> None:
-        self.event = None if SIMULATED else cuda.event(timing=True)
-        self.time = 0.0
-
-    def record(self, stream: Any) -> None:
-        if self.event is None:
-            self.time = time.perf_counter()
-        else:
-            self.event.record(stream)
-
-    def wait(self, stream: Any) -> None:
-        """Make later work on ``stream`` wait until this mark is reached."""
-        if self.event is not None:
-            self.event.wait(stream)
-
-    def seconds_until(self, later: _Mark) -> float:
-        if self.event is None or later.event is None:
-            return later.time - self.time
-        return self.event.elapsed_time(later.event) / 1e3
-
-
-class _Lane:
-    """The streams, timing marks and device buffers of one request in flight on one device."""
-
-    def __init__(self, tuning: kernels.Tuning, buffers: DeviceBuffers) -> None:
-        self.streams = [cuda.stream() for _ in range(tuning.streams)]
-        self.marks = [_Mark() for _ in range(5 * tuning.max_chunks)]
-        self.taken: list[Any] = []
-        self._buffers = buffers
-
-    def device_array(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        """A C-ordered device array from the device's cache, held until the request ends."""
-        nbytes = math.prod(shape) * dtype.itemsize
-        raw = self._buffers.take(nbytes)
-        self.taken.append(raw)
-        return raw[:nbytes].view(dtype).reshape(shape)
-
-    def synchronize(self) -> None:
-        """Wait until every copy and kernel queued on this lane has finished."""
-        for stream in self.streams:
-            stream.synchronize()
-
-    def settle(self) -> bool:
-        """After an error: wait for queued work; False if the device cannot (context broken)."""
-        try:
-            self.synchronize()
-        except CUDA_ERRORS:
-            return False
-        return True
-
-
-class _Gpu:
-    """One device the backend computes on: its lanes, buffers and requests in flight."""
-
-    def __init__(self, ordinal: int, tuning: kernels.Tuning) -> None:
-        device = cuda.gpus[ordinal]
-        raw_name = "Numba CUDA simulator" if SIMULATED else device.name
-        self.ordinal = ordinal
-        self.name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
-        self.label = f"{self.name} (cuda:{ordinal})"
-        self.sm_count = 1 if SIMULATED else int(device.MULTIPROCESSOR_COUNT)
-        with cuda.gpus[ordinal]:
-            total = cuda.current_context().get_memory_info().total
-        keep = int(total * DEVICE_KEEP_FRACTION) if math.isfinite(total) else 256 * MiB
-        self.buffers = DeviceBuffers(keep)
-        self.in_flight = 0
-        self.served = 0
-        # Held while a request runs at once on its caller's thread (run_if_idle, the event
-        # loop): requests that take the device meanwhile wait for it before launching work
-        # that the caller's kernels would queue behind.
-        self.first = threading.Lock()
-        self._tuning = tuning
-        self._lanes: list[_Lane] = []
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def lane(self) -> Iterator[_Lane]:
-        """A lane for one request (enter in the device's context). Its buffers go back to the
-        cache once its work is done; after an error that leaves the device unable to finish
-        that work, the lane and its buffers are dropped instead of reused."""
-        with self._lock:
-            lane = self._lanes.pop() if self._lanes else None
-        lane = lane or _Lane(self._tuning, self.buffers)
-        finished = False
-        try:
-            yield lane
-            finished = True
-        finally:
-            if finished or lane.settle():
-                self.buffers.give_back(lane.taken)
-                with self._lock:
-                    self._lanes.append(lane)
-            lane.taken = []
-
-    def trim(self) -> None:
-        """Free the cached buffers and flush numba's pending frees (call in the context)."""
-        with self._lock:
-            self.buffers.clear()
-            deallocations = getattr(cuda.current_context(), "deallocations", None)
-            if deallocations is not None:
-                deallocations.clear()
-
-    def close(self) -> None:
-        with cuda.gpus[self.ordinal]:
-            with self._lock:
-                self._lanes.clear()
-            self.trim()
 
 
 class NumbaBackend:
@@ -221,11 +100,11 @@ class NumbaBackend:
             pin_errors=CUDA_ERRORS,
         )
         self._home = ordinals[0]  # the context pinned host memory is allocated in (portable)
-        self._gpus: list[_Gpu] = []
+        self._gpus: list[NumbaGpu] = []
         failures: list[str] = []
         for ordinal in ordinals:
             try:
-                gpu = _Gpu(ordinal, self._tuning)
+                gpu = NumbaGpu(ordinal, self._tuning)
                 self._self_test(gpu)
             except Exception as exc:  # any failure here only means this device cannot serve
                 failures.append(f"cuda:{ordinal}: {type(exc).__name__}: {exc}")
@@ -266,7 +145,7 @@ class NumbaBackend:
     ) -> Result | None:
         """:meth:`run` on a GPU with no request in flight, or None when every one is busy
         (or on out of memory: a worker's :meth:`run` frees the cache and retries). A
-        request that takes the device meanwhile waits for this one (``_Gpu.first``)."""
+        request that takes the device meanwhile waits for this one (``NumbaGpu.first``)."""
         self._check_dtype(op, a, b)
         return run_while_first(
             self._acquire(idle_only=True),
@@ -278,7 +157,7 @@ class NumbaBackend:
             raise UnsupportedDType(f"the numba backend does not compute {op.name} on {a.dtype}")
 
     def _run_counted(
-        self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray,
+        self, gpu: NumbaGpu, op: Op, a: np.ndarray, b: np.ndarray,
         *, after_first: bool = False, retry: bool = True,
     ) -> Result:  # fmt: skip
         try:
@@ -301,7 +180,7 @@ class NumbaBackend:
 
     # -- device choice and error mapping ------------------------------------------------------
 
-    def _acquire(self, idle_only: bool = False) -> _Gpu | None:
+    def _acquire(self, idle_only: bool = False) -> NumbaGpu | None:
         """The least busy device, marked busy until the request ends. With ``idle_only``, of
         those with nothing in flight, its ``first`` lock taken; else None."""
         with self._lock:
@@ -310,7 +189,7 @@ class NumbaBackend:
             return take_device(self._gpus, idle_only)
 
     def _run_on(
-        self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray, retry: bool = True
+        self, gpu: NumbaGpu, op: Op, a: np.ndarray, b: np.ndarray, retry: bool = True
     ) -> Result:
         """:meth:`_compute`, with CUDA errors mapped; on out-of-memory the device's cache is
         freed and (with ``retry``) the request tried once more before
@@ -335,7 +214,7 @@ class NumbaBackend:
 
     # -- the computations ------------------------------------------------------------------
 
-    def _compute(self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray) -> Result:
+    def _compute(self, gpu: NumbaGpu, op: Op, a: np.ndarray, b: np.ndarray) -> Result:
         with _SIMULATOR_SERIAL, gpu.lane() as lane:
             if op.name == "matmul":
                 out, timings = self._matmul(gpu, lane, a, b)
@@ -346,7 +225,7 @@ class NumbaBackend:
         )
 
     def _elementwise(
-        self, gpu: _Gpu, lane: _Lane, op: Op, a: np.ndarray, b: np.ndarray
+        self, gpu: NumbaGpu, lane: NumbaLane, op: Op, a: np.ndarray, b: np.ndarray
     ) -> tuple[np.ndarray, dict[str, float]]:
         """Chunks issued round-robin over the lane's streams. Each chunk's upload waits for
         the previous upload and its download for the previous download, so each engine works
@@ -391,7 +270,7 @@ class NumbaBackend:
         return out, timings
 
     def _matmul(
-        self, gpu: _Gpu, lane: _Lane, a: np.ndarray, b: np.ndarray
+        self, gpu: NumbaGpu, lane: NumbaLane, a: np.ndarray, b: np.ndarray
     ) -> tuple[np.ndarray, dict[str, float]]:
         """One stream: upload both operands, the tiled kernel, download the product."""
         (m, k), n = a.shape, b.shape[1]
@@ -435,7 +314,7 @@ class NumbaBackend:
         block = np.ndarray((nbytes,), dtype=np.uint8, buffer=memory)
         return block.ctypes.data, block
 
-    def _self_test(self, gpu: _Gpu) -> None:
+    def _self_test(self, gpu: NumbaGpu) -> None:
         """Run every kernel once on small operands on ``gpu`` and compare with NumPy."""
         rng = np.random.default_rng(7)
         for dtype in sorted(kernels.ELEMENTWISE_DTYPES, key=str):
@@ -446,7 +325,7 @@ class NumbaBackend:
             if dtype in kernels.MATMUL_DTYPES:
                 self._check(gpu, get_op("matmul"), a, b.T.copy())
 
-    def _check(self, gpu: _Gpu, op: Op, a: np.ndarray, b: np.ndarray) -> None:
+    def _check(self, gpu: NumbaGpu, op: Op, a: np.ndarray, b: np.ndarray) -> None:
         with cuda.gpus[gpu.ordinal]:
             got = self._compute(gpu, op, a, b).array
         if not np.array_equal(got, op.reference(a, b)):
