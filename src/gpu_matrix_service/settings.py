@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         False,
         description="On the CUDA C backend, launch tiny elementwise work from the event loop "
         "and answer when the GPU reports it done (false: wait for the GPU on the loop). Off "
-        "until it has run on a GPU (docs/benchmarks.md, 2026-12-07).",
+        "by default: no faster than waiting on H100 machines (docs/benchmarks.md, 2026-12-07).",
     )
     native_uploads: bool = Field(
         True,
