@@ -8,6 +8,7 @@ import gc
 import numpy as np
 import pytest
 
+from gpu_matrix_service.backends import pinned
 from gpu_matrix_service.backends.pinned import PinnedArrayPool
 from gpu_matrix_service.errors import BackendFailure
 
@@ -100,3 +101,31 @@ def test_a_block_returned_while_the_pool_closes_is_still_unpinned():
     del lent
     gc.collect()
     assert pinning.pinned == {}
+
+
+def test_a_reused_block_is_lent_with_each_request_s_own_shape_and_dtype():
+    pinning = FakePinning(capacity=1 << 20)
+    pool = pool_for(pinning)
+    cases = [((64, 64), np.float32), ((32, 128), np.int32), ((64, 64), np.float32),
+             ((4096,), np.dtype(">f4")), ((16, 16, 16), np.float64)]  # fmt: skip
+    addresses = set()
+    for shape, dtype in cases:
+        array = pool.empty(shape, dtype)
+        assert array.shape == shape and array.dtype == np.dtype(dtype)
+        assert array.flags.c_contiguous and array.flags.writeable
+        array[...] = np.arange(array.size).reshape(shape)
+        assert np.array_equal(array.ravel(), np.arange(array.size, dtype=dtype))
+        addresses.add(array.ctypes.data)
+        del array
+        gc.collect()
+    # 16 KiB cases share one block; the 32 KiB one has its own.
+    assert len(addresses) == 2 and len(pinning.pinned) == 2
+
+
+def test_remembered_interfaces_and_size_classes_stay_bounded(monkeypatch):
+    monkeypatch.setattr(pinned, "MAX_REMEMBERED", 8)
+    pool = pool_for(FakePinning(capacity=1 << 24))
+    for n in range(1, 100):
+        array = pool.empty((n,), np.uint8)
+        assert array.shape == (n,)
+        assert len(pool._interfaces) <= 8 and len(pool._classes) <= 8
