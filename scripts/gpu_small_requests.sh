@@ -3,9 +3,12 @@
 #   scripts/gpu_small_requests.sh BASE_REF [PAIRS]
 # BASE_REF (a git ref, or a directory holding that tree's src/ where the copy has no .git) and
 # this tree each build their CUDA library and native reader, then `bench http` (64x64 add,
-# concurrency 32, 8 load-generator processes, CUDA C backend) runs PAIRS times for each,
-# alternating, and once more for this tree with launching off (GMS_LAUNCH_TINY=false). Run tests/gpu first. Needs the wheels of ../shared/gpu-machine/README.md
-# installed into /tmp/site. JSON, logs and a plot land in $OUT (default ./gpu-out).
+# concurrency 32, 8 load-generator processes, CUDA C backend, default settings) runs PAIRS
+# times for each, alternating; then once more for this tree with launching on
+# (GMS_LAUNCH_TINY=true), and the in-process stage costs of both trees
+# (scripts/request_cost.py). Run tests/gpu first. Needs the wheels of
+# ../shared/gpu-machine/README.md installed into /tmp/site. JSON, logs and a plot land in $OUT
+# (default ./gpu-out).
 set -uo pipefail
 base_ref=${1:?usage: scripts/gpu_small_requests.sh BASE_REF [PAIRS]}
 pairs=${2:-2}
@@ -37,7 +40,12 @@ bench() {
 }
 for i in $(seq 1 "$pairs"); do
   bench "$base" "before-$i"
-  GMS_LAUNCH_TINY=true bench "$PWD" "after-$i" --plot "$OUT/http-64-after-$i.png"
+  bench "$PWD" "after-$i" --plot "$OUT/http-64-after-$i.png"
 done
-GMS_LAUNCH_TINY=false bench "$PWD" after-no-launch
+GMS_LAUNCH_TINY=true bench "$PWD" after-launch
+for tree in "$base" "$PWD"; do
+  echo "in process, $tree:"
+  PYTHONPATH=/tmp/site:$tree/src timeout 120 python3 "$tree/scripts/request_cost.py" \
+    --backend cuda --uvloop --stages --essentials 2>&1 | tail -1
+done
 [ "$keep_base" = 1 ] || rm -rf "$base"
