@@ -47,8 +47,10 @@ TINY_BYTES = 512 * 1024
 TINY_MATMUL_MACS = 1 << 22
 # Tiny work that held the loop longer than this (a GPU shared with other processes, whose
 # wait CUDA spends spinning) stops running there for INLINE_PAUSE_SECONDS: worker threads take
-# it meanwhile. Held is the loop thread's CPU time: the OS running another process meanwhile
-# would delay a worker thread as much, and is no reason to pay the hop to one for a second.
+# it meanwhile. Held is the loop thread's CPU time (two system calls, about 1.5 us): the OS
+# running another process meanwhile would delay a worker thread as much, and is no reason to
+# pay the hop to one for a second. Blocking waits do not count either: the GIL back after the
+# C call, the context's mutex, or a CUDA schedule that blocks instead of spinning.
 INLINE_BUDGET_SECONDS = 0.002
 INLINE_PAUSE_SECONDS = 1.0
 

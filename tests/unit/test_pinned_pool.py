@@ -103,7 +103,7 @@ def test_a_block_returned_while_the_pool_closes_is_still_unpinned():
     assert pinning.pinned == {}
 
 
-def test_a_reused_block_is_lent_with_each_request_s_own_shape_and_dtype():
+def test_a_reused_block_is_lent_in_each_callers_shape_and_dtype():
     pinning = FakePinning(capacity=1 << 20)
     pool = pool_for(pinning)
     cases = [((64, 64), np.float32), ((32, 128), np.int32), ((64, 64), np.float32),

@@ -81,7 +81,8 @@ class PinnedArrayPool:
         self._returned: collections.deque[Block] = collections.deque()
         self._closed = False
         # What a lent array's interface and a size's class are, remembered: building the
-        # dict (dtype.str alone is 0.4 us) and the class cost 1-2 us of an array's 6.
+        # dict (dtype.str alone is 0.4 us) and the class cost about 1 us of the 3.8 an array
+        # took to lend and return (CPU machine).
         self._interfaces: dict[tuple[int, tuple[int, ...], np.dtype], dict[str, Any]] = {}
         self._classes: dict[int, int] = {}
 

@@ -66,8 +66,8 @@ static int is_space(uint8_t c) {  // \s of a bytes regex
   return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
 }
 
-// multipart_splitter.PLAIN_PART_HEADERS, fully matched on body[start, end), with a file name required:
-// name, file name and content type spans (-1, -1 when absent) into part[0..5].
+// multipart_splitter.PLAIN_PART_HEADERS, fully matched on body[start, end), with a file name
+// required: name, file name and content type spans (-1, -1 when absent) into part[0..5].
 static int plain_file_headers(const uint8_t* body, size_t start, size_t end, int64_t* part) {
   size_t at = start;
   const size_t n = sizeof kDisposition - 1;

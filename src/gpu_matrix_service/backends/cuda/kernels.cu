@@ -497,7 +497,9 @@ static int finish_streams(DeviceContext* c, std::initializer_list<cudaStream_t> 
   return status;
 }
 
-// A request's end: all three streams.
+// A request's end: all three streams. Every entry point but the zero-copy one must end with it,
+// error paths included: the zero-copy path then synchronizes only its compute stream and uses
+// the staging buffers without waiting for their copy events.
 static int finish_request(DeviceContext* c, int status, char* err, size_t errlen) {
   return finish_streams(c, {c->in, c->compute, c->out}, status, err, errlen);
 }
@@ -608,7 +610,8 @@ GMS_API int gms_elementwise_zero_copy(void* handle, int op, int dtype, const voi
   CUDA_CHECK(cudaSetDevice(c->ordinal));
   cudaGetLastError();
   const auto start = std::chrono::steady_clock::now();
-  // The staging buffers are idle: every request ends with its streams synchronized.
+  // The staging buffers and copy streams are idle: every other request ends with
+  // finish_request, and this one queues work on the compute stream only.
   const void* dev_a = reachable(a, bytes, c->staging[0], true);
   const void* dev_b = reachable(b, bytes, c->staging[1], true);
   void* dev_out = const_cast<void*>(reachable(out, bytes, c->staging[2], false));
