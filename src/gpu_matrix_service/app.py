@@ -31,7 +31,7 @@ from gpu_matrix_service.gpu import GpuMonitor, this_process, this_process_and_si
 from gpu_matrix_service.metrics import GpuCollector, ServiceMetrics
 from gpu_matrix_service.routes import health, metrics, ops
 from gpu_matrix_service.routes.lane import OperationLane
-from gpu_matrix_service.routes.state import route_template
+from gpu_matrix_service.routes.state import OperationState, route_template
 from gpu_matrix_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,12 +107,13 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             __version__, compute.backend.name, settings.instance_name
         ).set(1)
         app.state.gpu, app.state.compute = monitor, compute
+        app.state.operation = OperationState(settings, compute, service_metrics)
         flusher = asyncio.create_task(flush_metrics_every(service_metrics, METRICS_FLUSH_SECONDS))
         try:
             yield
         finally:
             flusher.cancel()
-            app.state.compute = None
+            app.state.compute = app.state.operation = None
             compute.close()
             monitor.close()
             service_metrics.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from fastapi import Request
 from starlette.types import Scope
 
@@ -35,11 +37,19 @@ def settings_of(request: Request) -> Settings:
     return settings
 
 
-def operation_state(request: Request) -> tuple[Settings, ComputeService, ServiceMetrics]:
+class OperationState(NamedTuple):
+    """What an operation request uses, kept together in the app's state while it serves."""
+
+    settings: Settings
+    compute: ComputeService
+    metrics: ServiceMetrics
+
+
+def operation_state(request: Request) -> OperationState:
     """The settings, compute service and metrics an operation request uses, in one look at
-    the app's state (each look costs about a microsecond)."""
-    state = request.app.state
-    return state.settings, state.compute, state.metrics
+    the app's state (each look costs about 0.7 us: three cost 2)."""
+    operation: OperationState = request.app.state.operation
+    return operation
 
 
 UNMATCHED = "<unmatched>"
