@@ -128,4 +128,5 @@ def test_remembered_interfaces_and_size_classes_stay_bounded(monkeypatch):
     for n in range(1, 100):
         array = pool.empty((n,), np.uint8)
         assert array.shape == (n,)
-        assert len(pool._interfaces) <= 8 and len(pool._classes) <= 8
+        assert pool._interface.cache_info().currsize <= 8
+        assert pool._class_of.cache_info().currsize <= 8

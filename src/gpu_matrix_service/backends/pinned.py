@@ -11,6 +11,7 @@ numba's ``memhostalloc``); the pooling is the same for both.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import sys
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 # A pinned block: its address, its size class in bytes, and what the backend needs to unpin it.
 Block = tuple[int, int, Any]
 # Remembered array interfaces (address, shape, dtype) and size classes (bytes): at most this
-# many of each, then forgotten all at once (odd sizes from clients cannot grow them for good).
+# many of each, the least recently used forgotten first (odd sizes from clients cannot grow
+# them for good).
 MAX_REMEMBERED = 4096
 
 
@@ -45,6 +47,14 @@ class _PinnedOwner:
     def __del__(self) -> None:
         if not sys.is_finalizing():  # at exit the CUDA runtime may already be gone
             self._give_back(self._block)
+
+
+def array_interface(address: int, shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
+    """The ``__array_interface__`` of a C-contiguous array at ``address`` (the pool shares one
+    per block, shape and dtype: NumPy only reads it)."""
+    # strides None: C-contiguous, which NumPy takes without working strides out.
+    return {"data": (address, False), "shape": shape, "typestr": dtype.str, "strides": None,
+            "version": 3}  # fmt: skip
 
 
 def in_pinned_block(array: np.ndarray) -> bool:
@@ -69,7 +79,7 @@ class PinnedArrayPool:
         max_cached_bytes: int,
         pin_errors: tuple[type[Exception], ...],
     ) -> None:
-        self._pin, self._unpin, self._size_class = pin, unpin, size_class
+        self._pin, self._unpin = pin, unpin
         self._pin_errors = pin_errors
         self._max_cached = max_cached_bytes
         self._lock = threading.Lock()
@@ -83,8 +93,8 @@ class PinnedArrayPool:
         # What a lent array's interface and a size's class are, remembered: building the
         # dict (dtype.str alone is 0.4 us) and the class cost about 1 us of the 3.8 an array
         # took to lend and return (CPU machine).
-        self._interfaces: dict[tuple[int, tuple[int, ...], np.dtype], dict[str, Any]] = {}
-        self._classes: dict[int, int] = {}
+        self._interface = functools.lru_cache(maxsize=MAX_REMEMBERED)(array_interface)
+        self._class_of = functools.lru_cache(maxsize=MAX_REMEMBERED)(size_class)
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """An uninitialised C-contiguous array in pinned memory (plain memory if pinning fails)."""
@@ -100,26 +110,8 @@ class PinnedArrayPool:
         owner._block, owner._give_back = block, self._give_back
         return np.asarray(owner)
 
-    def _interface(self, address: int, shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
-        """The ``__array_interface__`` of a C-contiguous array at ``address``: the same dict
-        for the same block, shape and dtype (NumPy only reads it)."""
-        key = (address, shape, dtype)
-        interface = self._interfaces.get(key)
-        if interface is None:
-            if len(self._interfaces) >= MAX_REMEMBERED:
-                self._interfaces.clear()
-            # strides None: C-contiguous, which NumPy takes without working strides out.
-            interface = {"data": (address, False), "shape": shape, "typestr": dtype.str,
-                         "strides": None, "version": 3}  # fmt: skip
-            self._interfaces[key] = interface
-        return interface
-
     def _acquire(self, nbytes: int) -> Block | None:
-        size = self._classes.get(nbytes)
-        if size is None:
-            if len(self._classes) >= MAX_REMEMBERED:
-                self._classes.clear()
-            size = self._classes[nbytes] = self._size_class(nbytes)
+        size = self._class_of(nbytes)
         with self._lock:
             if self._closed:
                 raise BackendFailure("the pinned memory pool is closed")
