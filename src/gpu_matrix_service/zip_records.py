@@ -86,8 +86,7 @@ def decode_in_one_piece(
 def _native_npy(
     data: memoryview, name: str, limits: ArrayLimits, allocate: Allocator
 ) -> np.ndarray | None:
-    """A C-ordered native-byte-order ``.npy`` copied into ``allocate``'s array, or None
-    (a reorder or byte swap is the stream's, which moves a large one off the event loop)."""
+    """A C-ordered native-byte-order ``.npy`` copied into ``allocate``'s array, or None."""
     header = parse_npy_header(data, name=name, limits=limits)
     return _native_copy(header, data[header.data_offset :], allocate)
 
@@ -130,13 +129,19 @@ class LaidOutNpyDecoder:
             check_limits(header, name=name, limits=self._limits)
         except ServiceError:
             return None
-        if not header.dtype.isnative or header.fortran_order:
+        if not _copied_as_is(header):
             return None
         return header.shape, header.dtype, header.nbytes
 
 
+def _copied_as_is(header: NpyHeader) -> bool:
+    """Whether the data is the array's C-ordered native bytes (else a reorder or byte swap is
+    the stream's, which moves a large one off the event loop)."""
+    return header.dtype.isnative and not header.fortran_order
+
+
 def _native_copy(header: NpyHeader, data: memoryview, allocate: Allocator) -> np.ndarray | None:
-    if not header.dtype.isnative or header.fortran_order or len(data) != header.nbytes:
+    if not _copied_as_is(header) or len(data) != header.nbytes:
         return None
     return _filled(allocate, header.shape, header.dtype, data)
 
