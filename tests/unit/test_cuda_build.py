@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
 from pathlib import Path
@@ -78,6 +79,19 @@ def test_a_launched_jobs_cuda_error_becomes_a_typed_error(tmp_path):
     illegal = library.launch_error(700)  # cudaErrorIllegalAddress
     assert isinstance(illegal, BackendFailure)
     assert "illegal memory access" in illegal.detail
+
+
+@needs_nvcc
+@pytest.mark.parametrize("entry", ["gms_elementwise_zero_copy", "gms_elementwise_launch"])
+def test_small_elementwise_entry_points_refuse_bad_arguments_before_touching_cuda(tmp_path, entry):
+    library = binding.KernelLibrary(build.build_kernels(output_dir=tmp_path, archs=["90"]))
+    last = ctypes.c_uint64(1) if entry == "gms_elementwise_launch" else (ctypes.c_double * 4)()
+    no_handle = (None, 0, 0, None, None, None, 4)  # add, float32, 4 elements
+    bad_op = (1, 7, 0, None, None, None, 4)
+    too_many = (1, 0, 0, None, None, None, 1 << 62)  # n * 4 would wrap around
+    for args in (no_handle, bad_op, too_many):
+        with pytest.raises(BackendFailure, match=f"{entry}: bad arguments"):
+            library._call(entry, *args, last)
 
 
 def test_bad_arch_is_refused():

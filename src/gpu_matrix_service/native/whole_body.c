@@ -5,9 +5,9 @@
 // parts whose header blocks are a plain Content-Disposition with a file name and maybe a
 // Content-Type, each holding a bare .npy or a stored one-member .npz (numpy.savez). It only
 // finds where things are; the caller checks the CRC-32, reads the .npy header's dictionary
-// and copies the data. Like the Python readers it only succeeds or declines: anything else, and anything
-// wrong, returns 0 and the Python readers read the body and word the error, so every answer
-// is theirs. It reads nothing outside body[0, len) and writes only out[0, GMS_LAYOUT_INTS).
+// and copies the data. Like the Python readers it only succeeds or declines: anything else,
+// and anything wrong, returns 0 and the Python readers read the body and word the error, so
+// every answer is theirs. It reads nothing outside body[0, len) and writes only out[0, GMS_LAYOUT_INTS).
 
 #define _GNU_SOURCE  // memmem
 #include <stddef.h>

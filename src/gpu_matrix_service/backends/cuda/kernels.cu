@@ -579,6 +579,20 @@ GMS_API int gms_elementwise(void* handle, int op, int dtype, const void* a, cons
   return finish_request(c, status, err, errlen);
 }
 
+// The arguments of an elementwise request small enough for the staging buffers (zero-copy or
+// launched): 0, or GMS_ERR_INVALID_ARGUMENT naming `function`. n is checked before it is
+// multiplied: a huge n must not wrap around to a small size.
+static int check_small_elementwise(const char* function, void* handle, int op, int dtype,
+                                   size_t n, char* err, size_t errlen) {
+  const size_t elem = dtype_size(dtype);
+  if (handle == nullptr || op < OP_ADD || op > OP_MULTIPLY || elem == 0 || n == 0 ||
+      n > kStagingBytes / elem) {
+    return report(err, errlen, GMS_ERR_INVALID_ARGUMENT,
+                  "%s: bad arguments (op %d, dtype %d, n %zu)", function, op, dtype, n);
+  }
+  return 0;
+}
+
 // Where the kernel can reach host memory `p` of `bytes` bytes: `p` itself when it is pinned
 // (with unified addressing a pinned pointer is valid on the device) and 16-byte aligned, else
 // the staging buffer `s`, into which `p`'s bytes are copied first when `copy_in`.
@@ -596,15 +610,8 @@ static const void* reachable(const void* p, size_t bytes, Staging& s, bool copy_
 GMS_API int gms_elementwise_zero_copy(void* handle, int op, int dtype, const void* a,
                                       const void* b, void* out, size_t n, double* timings,
                                       char* err, size_t errlen) {
-  const size_t elem = dtype_size(dtype);
-  // n is checked before it is multiplied: a huge n must not wrap around to a small size.
-  if (handle == nullptr || op < OP_ADD || op > OP_MULTIPLY || elem == 0 || n == 0 ||
-      n > kStagingBytes / elem) {
-    return report(err, errlen, GMS_ERR_INVALID_ARGUMENT,
-                  "gms_elementwise_zero_copy: bad arguments (op %d, dtype %d, n %zu)", op, dtype,
-                  n);
-  }
-  const size_t bytes = n * elem;
+  TRY(check_small_elementwise("gms_elementwise_zero_copy", handle, op, dtype, n, err, errlen));
+  const size_t bytes = n * dtype_size(dtype);
   DeviceContext* c = static_cast<DeviceContext*>(handle);
   std::lock_guard<std::mutex> lock(c->mutex);
   CUDA_CHECK(cudaSetDevice(c->ordinal));
@@ -667,12 +674,7 @@ static void CUDART_CB report_job_done(cudaStream_t, cudaError_t status, void* da
 // untouched until the job is reported.
 GMS_API int gms_elementwise_launch(void* handle, int op, int dtype, const void* a, const void* b,
                                    void* out, size_t n, uint64_t job, char* err, size_t errlen) {
-  const size_t elem = dtype_size(dtype);
-  if (handle == nullptr || op < OP_ADD || op > OP_MULTIPLY || elem == 0 || n == 0 ||
-      n > kStagingBytes / elem) {
-    return report(err, errlen, GMS_ERR_INVALID_ARGUMENT,
-                  "gms_elementwise_launch: bad arguments (op %d, dtype %d, n %zu)", op, dtype, n);
-  }
+  TRY(check_small_elementwise("gms_elementwise_launch", handle, op, dtype, n, err, errlen));
   for (const void* p : {a, b, static_cast<const void*>(out)}) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0 || !is_pinned(p)) {
       return report(err, errlen, GMS_ERR_INVALID_ARGUMENT,
