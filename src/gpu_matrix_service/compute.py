@@ -8,6 +8,7 @@ worker threads that run decoding and computation so the event loop keeps answeri
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -160,6 +161,7 @@ class ComputeService:
         :class:`ComputeTimeout` (504) when waiting and computing take longer than
         ``compute_timeout_seconds``.
         """
+        run = functools.partial(self.run_arrays, op, a, b, options)
         if is_tiny(op, a, b) and time.monotonic() >= self._inline_paused_until:
             # A hop to a worker thread and back costs more than tiny work: 0.1-0.3 ms, more
             # while the worker's Python waits for the GIL the loop holds. On a GPU only when
@@ -171,7 +173,9 @@ class ComputeService:
             result = self._run_inline(op, checked_a, checked_b, backend, options)
             if result is not None:
                 return result
-        future = self._executor.submit(self.run_arrays, op, a, b, options)
+            # Every device busy: a worker computes the operands checked here.
+            run = functools.partial(self._run_checked, op, checked_a, checked_b, backend, options)
+        future = self._executor.submit(run)
         ticket.handed_to_worker = True
         self._running.add(future)
         future.add_done_callback(self._running.discard)
@@ -233,7 +237,12 @@ class ComputeService:
 
     def run_arrays(self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions) -> Result:
         """Check ``a`` and ``b`` for ``op``, promote them, and compute on the best backend."""
-        result = self._run_on(op, *self._checked(op, a, b), options, only_if_idle=False)
+        return self._run_checked(op, *self._checked(op, a, b), options)
+
+    def _run_checked(
+        self, op: Op, a: np.ndarray, b: np.ndarray, backend: Backend, options: RunOptions
+    ) -> Result:
+        result = self._run_on(op, a, b, backend, options, only_if_idle=False)
         assert result is not None  # None only for only_if_idle
         return result
 
