@@ -1,5 +1,6 @@
-"""On a GPU machine: spread of the float32 4096^2 add over 40 runs for several chunk sizes, and
-where the zero-copy kernel stops paying: host time of one small add through each path."""
+"""On a GPU machine: spread of the float32 4096^2 add over 40 runs for several chunk sizes,
+where the zero-copy kernel stops paying (host time of one small add through each path), and
+where pinned blocks start paying for small requests' host arrays (PAGEABLE_HOST_BYTES)."""
 
 from __future__ import annotations
 
@@ -40,8 +41,39 @@ def zero_copy_crossover(backend: cuda_backend.CudaBackend) -> None:
     cuda_backend.ZERO_COPY_BYTES = default
 
 
+def host_memory_crossover(backend: cuda_backend.CudaBackend) -> None:
+    """Median host time of a small request's host work on the backend: two operands made by
+    ``empty_host`` and filled (as decoding fills them), the add, the arrays dropped; with every
+    array a pinned block against every array plain memory (which the kernel reaches through
+    its staging buffers)."""
+    rng, pool = np.random.default_rng(2), backend._host_pool
+    default = pool._pageable_bytes
+    print("float32 add, per operand | pinned p50 | plain p50 (us: fill two, add, drop)")
+    for kib in (4, 16, 32, 64, 128, 256):
+        count = kib * 1024 // 4
+        sources = rng.standard_normal((2, count)).astype(np.float32)
+        medians = []
+        for limit in (0, 1 << 62):
+            pool._pageable_bytes = limit
+            seconds = []
+            for i in range(2000):
+                start = time.perf_counter()
+                a, b = (backend.empty_host((count,), np.float32) for _ in range(2))
+                a[...], b[...] = sources
+                result = backend.run(OPS["add"], a, b, RunOptions())
+                if i == 0:
+                    np.testing.assert_array_equal(result.array, sources[0] + sources[1])
+                del a, b, result
+                seconds.append(time.perf_counter() - start)
+            medians.append(float(np.median(seconds[200:])) * 1e6)
+        print(f"{kib:6d} KiB | {medians[0]:9.1f} | {medians[1]:9.1f}")
+    pool._pageable_bytes = default
+
+
 def main() -> None:
     backend = cuda_backend.CudaBackend(Settings(_env_file=None, backend="cuda"))
+    host_memory_crossover(backend)
+    backend._host_pool._pageable_bytes = 0  # the paths below on pinned operands, as before
     zero_copy_crossover(backend)
     a, b = (backend.empty_host((4096, 4096), np.float32) for _ in range(2))
     a[...], b[...] = np.random.default_rng(0).standard_normal((2, 4096, 4096))

@@ -16,6 +16,7 @@ import pytest
 from backend_cases import check_run_if_idle, poison_pinned_pool, random_array
 from gpu_matrix_service.backends.base import BackendUnavailable, RunOptions
 from gpu_matrix_service.backends.cuda.pools import size_class
+from gpu_matrix_service.backends.pinned import in_pinned_block
 from gpu_matrix_service.errors import BackendFailure, DeviceOutOfMemory, UnsupportedDType
 from gpu_matrix_service.ops import OPS
 from gpu_matrix_service.settings import Settings
@@ -116,7 +117,7 @@ def test_small_operands_take_the_zero_copy_kernel_up_to_its_limit(backend, rng, 
     op, itemsize = OPS[op_name], np.dtype(dtype).itemsize
     most = ZERO_COPY_BYTES // itemsize
     for count, zero_copy in [(most, True), (most + 1, False), (4099, True)]:
-        a = backend.empty_host((count,), dtype)  # pinned: read in place
+        a = backend.empty_host((count,), dtype)  # pinned (4099: plain memory, staged)
         a[...] = random_array(rng, count, dtype)
         b = np.empty(count + 1, dtype)[1:]  # pageable and not 16-byte aligned: staged
         b[...] = random_array(rng, count, dtype)
@@ -155,6 +156,28 @@ def test_zero_copy_writes_a_pageable_result_through_staging_and_refuses_large_op
 def test_large_pageable_inputs_stream_through_staging(backend, rng):
     a, b = random_array(rng, (3000, 3000), np.int64), random_array(rng, (3000, 3000), np.int64)
     np.testing.assert_array_equal(backend.run(OPS["multiply"], a, b, RunOptions()).array, a * b)
+
+
+def test_small_host_arrays_are_plain_memory_unless_tiny_work_is_launched(backend, rng):
+    from gpu_matrix_service.backends.cuda.backend import PAGEABLE_HOST_BYTES, CudaBackend
+
+    most = PAGEABLE_HOST_BYTES // 4
+    a = backend.empty_host((most,), np.float32)
+    assert not in_pinned_block(a) and in_pinned_block(backend.empty_host((most + 1,), np.float32))
+    a[...] = random_array(rng, most, np.float32)
+    b = random_array(rng, most, np.float32)
+    poison_pinned_pool(backend, (most,), np.float32)
+    result = backend.run(OPS["multiply"], a, b, RunOptions())
+    assert not in_pinned_block(result.array)
+    np.testing.assert_array_equal(result.array, a * b)
+    assert result.timings["h2d"] == 0.0  # the zero-copy kernel, through the staging buffers
+    launching = CudaBackend(Settings(_env_file=None, backend="cuda", launch_tiny=True))
+    try:
+        tiny = launching.empty_host((1,), np.float32)
+        assert in_pinned_block(tiny)
+        del tiny
+    finally:
+        launching.close()
 
 
 def test_empty_host_is_pinned_pool_memory_returned_on_collection(backend):

@@ -28,6 +28,17 @@ DTYPES = [np.float32, np.float64, np.int32, np.int64]
 MiB = 1024 * 1024
 
 
+@pytest.fixture(scope="module")
+def backend():
+    """The CUDA C backend as the service makes it to launch tiny work (GMS_LAUNCH_TINY):
+    every host array it lends, small ones too, in a pinned block."""
+    from gpu_matrix_service.backends.cuda.backend import CudaBackend
+
+    cuda = CudaBackend(Settings(_env_file=None, backend="cuda", launch_tiny=True))
+    yield cuda
+    cuda.close()
+
+
 def pinned(backend, rng, shape, dtype):
     """Random values in an array of the backend's pinned pool."""
     array = backend.empty_host(shape, dtype)

@@ -59,6 +59,21 @@ def test_a_failed_pin_unpins_the_cache_and_retries_then_falls_back_to_pageable()
     assert pool.stats() == (0, 3072)
 
 
+def test_arrays_of_at_most_pageable_bytes_are_plain_memory_and_larger_ones_pinned():
+    pinning = FakePinning(capacity=1 << 20)
+    pool = PinnedArrayPool(
+        pinning.pin, pinning.unpin, size_class=lambda n: -(-n // 1024) * 1024,
+        max_cached_bytes=1 << 20, pin_errors=(PinFailed,), pageable_bytes=4096,
+    )  # fmt: skip
+    plain = pool.empty((64, 16), np.float32)  # 4096 bytes
+    assert not pinned.in_pinned_block(plain) and pinning.pinned == {}
+    assert plain.shape == (64, 16) and plain.dtype == np.float32 and plain.flags.c_contiguous
+    assert pool.stats() == (0, 0)
+    lent = pool.empty((4097,), np.uint8)
+    assert pinned.in_pinned_block(lent) and lent.ctypes.data in pinning.pinned
+    assert pool.stats() == (0, 5120)
+
+
 def test_arrays_view_their_block_and_values_survive_until_collected():
     pinning = FakePinning(capacity=1 << 20)
     pool = pool_for(pinning)

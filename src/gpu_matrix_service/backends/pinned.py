@@ -67,7 +67,9 @@ class PinnedArrayPool:
     ``unpin(handle)`` frees, reused by size class up to ``max_cached_bytes`` of free blocks.
 
     When pinning raises one of ``pin_errors``, the cached free blocks are unpinned and it is
-    tried once more; failing again, the array comes from plain (pageable) memory.
+    tried once more; failing again, the array comes from plain (pageable) memory. Arrays of at
+    most ``pageable_bytes`` always do: for a backend that reaches small host arrays as cheaply
+    without pinning, lending a block and taking it back is the dearer way.
     """
 
     def __init__(
@@ -78,8 +80,10 @@ class PinnedArrayPool:
         size_class: Callable[[int], int],
         max_cached_bytes: int,
         pin_errors: tuple[type[Exception], ...],
+        pageable_bytes: int = 0,
     ) -> None:
         self._pin, self._unpin = pin, unpin
+        self._pageable_bytes = pageable_bytes
         self._pin_errors = pin_errors
         self._max_cached = max_cached_bytes
         self._lock = threading.Lock()
@@ -97,10 +101,12 @@ class PinnedArrayPool:
         self._class_of = functools.lru_cache(maxsize=MAX_REMEMBERED)(size_class)
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """An uninitialised C-contiguous array in pinned memory (plain memory if pinning fails)."""
+        """An uninitialised C-contiguous array in pinned memory (plain memory if pinning fails,
+        or for at most ``pageable_bytes``)."""
         dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes == 0 or dtype.hasobject or dtype.fields is not None:
+        plain = nbytes <= self._pageable_bytes or nbytes == 0
+        if plain or dtype.hasobject or dtype.fields is not None:
             return np.empty(shape, dtype=dtype)
         block = self._acquire(nbytes)
         if block is None:

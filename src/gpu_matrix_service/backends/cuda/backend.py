@@ -57,6 +57,12 @@ MAX_SLOTS: Final = 3
 # A float32 add on an H200 machine took 31 against 72 us at 16 KiB per operand, 86 against 127
 # at 1 MiB and 256 against 279 at 4 MiB (host clock, scripts/gpu_tune_cuda.py, 2026-12-03).
 ZERO_COPY_BYTES: Final = 1 * MiB
+# Host arrays of at most this many bytes are plain (pageable) memory, not pinned blocks: the
+# zero-copy kernel reaches them through its context's pinned staging buffers at a memcpy's
+# cost, where lending a pinned block and taking it back costs about 3 us, three times for a
+# small request (operands and result). Not when tiny work is launched (GMS_LAUNCH_TINY): a
+# launched kernel reads pinned blocks only.
+PAGEABLE_HOST_BYTES: Final = 32 * 1024
 # Matmul row blocks: up to 4 (the product of block j overlaps copies of j-1 and j+1), each at
 # least 1024 rows so that cuBLAS still runs at full rate.
 MATMUL_MIN_BLOCK_ROWS: Final = 1024
@@ -136,7 +142,9 @@ class CudaBackend:
         self._by_fd: dict[int, GpuDevice] = {}
         try:
             self._library = KernelLibrary(binding.locate_library(settings.kernel_lib))
-            self._host_pool = PinnedHostPool(self._library)
+            self._host_pool = PinnedHostPool(
+                self._library, pageable_bytes=0 if settings.launch_tiny else PAGEABLE_HOST_BYTES
+            )
             self._start(settings.devices)
         except BackendUnavailable:
             self.close()
@@ -200,7 +208,8 @@ class CudaBackend:
         return self._has_cublas and dtype in MATMUL_DTYPES
 
     def empty_host(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A pinned host array from the pool; it goes back to the pool when collected."""
+        """A pinned host array from the pool, which it goes back to when collected; plain
+        memory for at most ``PAGEABLE_HOST_BYTES`` (unless tiny work is launched)."""
         return self._host_pool.empty(shape, dtype)
 
     def run(self, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions) -> Result:

@@ -102,10 +102,14 @@ class DevicePool:
 
 
 class PinnedHostPool(PinnedArrayPool):
-    """Page-locked host arrays (``cudaHostAlloc``) for operands and results, all devices."""
+    """Page-locked host arrays (``cudaHostAlloc``) for operands and results, all devices;
+    those of at most ``pageable_bytes`` are plain memory (see ``PinnedArrayPool``)."""
 
     def __init__(
-        self, library: KernelLibrary, max_cached_bytes: int = MAX_CACHED_PINNED_BYTES
+        self,
+        library: KernelLibrary,
+        max_cached_bytes: int = MAX_CACHED_PINNED_BYTES,
+        pageable_bytes: int = 0,
     ) -> None:
         def pin(nbytes: int) -> tuple[int, int]:
             ptr = library.host_alloc(nbytes)
@@ -123,4 +127,5 @@ class PinnedHostPool(PinnedArrayPool):
             size_class=size_class,
             max_cached_bytes=max_cached_bytes,
             pin_errors=(DeviceOutOfMemory,),
+            pageable_bytes=pageable_bytes,
         )
