@@ -161,7 +161,6 @@ class ComputeService:
         :class:`ComputeTimeout` (504) when waiting and computing take longer than
         ``compute_timeout_seconds``.
         """
-        run = functools.partial(self.run_arrays, op, a, b, options)
         if is_tiny(op, a, b) and time.monotonic() >= self._inline_paused_until:
             # A hop to a worker thread and back costs more than tiny work: 0.1-0.3 ms, more
             # while the worker's Python waits for the GIL the loop holds. On a GPU only when
@@ -175,6 +174,8 @@ class ComputeService:
                 return result
             # Every device busy: a worker computes the operands checked here.
             run = functools.partial(self._run_checked, op, checked_a, checked_b, backend, options)
+        else:
+            run = functools.partial(self.run_arrays, op, a, b, options)
         future = self._executor.submit(run)
         ticket.handed_to_worker = True
         self._running.add(future)

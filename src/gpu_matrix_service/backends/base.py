@@ -153,11 +153,16 @@ def take_device(devices: Sequence[LoadT], idle_only: bool = False) -> LoadT | No
     """The least busy of ``devices``, counted in flight (the caller holds its backend's lock
     and gives the place back when the request ends). With ``idle_only``, only a device with
     nothing in flight, its ``first`` lock taken for the caller to release; else None."""
-    if idle_only:
-        devices = [device for device in devices if device.in_flight == 0]
-        if not devices:
+    if len(devices) == 1:  # one GPU, nothing to choose: once per small request, kept short
+        device = devices[0]
+        if idle_only and device.in_flight:
             return None
-    device = least_busy_device(devices)
+    else:
+        if idle_only:
+            devices = [device for device in devices if device.in_flight == 0]
+            if not devices:
+                return None
+        device = least_busy_device(devices)
     if idle_only and not device.first.acquire(blocking=False):
         return None
     device.in_flight += 1
