@@ -174,3 +174,41 @@ def test_with_opentelemetry_spans_still_name_their_route(rng):
         trace.get_tracer_provider = real
     servers = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
     assert [s.attributes.get("http.route") for s in servers] == ["/v1/ops/{op}"]
+
+
+@pytest.mark.parametrize(
+    "scope",
+    [
+        {"type": "http", "method": "POST", "path": "/add", "root_path": ""},
+        {"type": "http", "method": "GET", "path": "/add"},
+        {"type": "http", "method": "POST", "path": "/add/", "root_path": ""},
+        {"type": "http", "method": "POST", "path": "/v1/ops/matmul", "root_path": ""},
+        {"type": "http", "method": "POST", "path": "/api/add", "root_path": "/api"},
+        {"type": "http", "method": "POST", "path": "/add", "root_path": "/api"},
+        {"type": "http", "method": "POST", "path": "/add", "root_path": "/add"},
+        {"type": "http", "method": "POST", "path": "/add", "path_params": {"outer": "x"}},
+        {"type": "websocket", "path": "/add", "root_path": ""},
+    ],
+    ids=[
+        "post",
+        "get",
+        "slash",
+        "op",
+        "under root",
+        "outside root",
+        "is root",
+        "outer params",
+        "ws",
+    ],
+)
+def test_the_lanes_quick_match_of_a_literal_path_is_starlettes_match(scope):
+    from starlette.routing import Match, Route
+
+    from gpu_matrix_service.routes.ops import dispatch_routes
+
+    for route in dispatch_routes():
+        match, child_scope = route.matches(scope)
+        expected, expected_scope = Route.matches(route, scope)
+        assert match is expected
+        if expected is not Match.NONE:
+            assert child_scope == {**expected_scope, "route": route}
