@@ -166,9 +166,10 @@ class ComputeService:
             # while the worker's Python waits for the GIL the loop holds. On a GPU only when
             # a device has nothing in flight: one busy with a matmul would hold the loop.
             checked_a, checked_b, backend = self._checked(op, a, b)  # once for both ways
-            launched = self._launch(op, checked_a, checked_b, backend, ticket)
-            if launched is not None:
-                return await self._within_timeout(op, launched)
+            if self._launcher is not None:
+                launched = self._launch(op, checked_a, checked_b, backend, ticket)
+                if launched is not None:
+                    return await self._within_timeout(op, launched)
             result = self._run_inline(op, checked_a, checked_b, backend, options)
             if result is not None:
                 return result

@@ -105,9 +105,12 @@ class Upload:
                 f"expected exactly {count} uploaded files (fields file_a and file_b), got "
                 f"{len(files)} ({names})"
             )
+        wanted = CANONICAL_FIELDS[:count]
+        if count == 2 and files[0].name == wanted[0] and files[1].name == wanted[1]:
+            return files  # as clients send them: in order already
         by_name = {part.name: part for part in files}
-        if all(name in by_name for name in CANONICAL_FIELDS[:count]):
-            files = [by_name[name] for name in CANONICAL_FIELDS[:count]]
+        if all(name in by_name for name in wanted):
+            files = [by_name[name] for name in wanted]
         return files
 
 

@@ -321,16 +321,21 @@ class CudaBackend:
             if after_first:
                 with device.first:
                     pass
-
-            def attempt() -> Result:
-                if op.elementwise:
-                    return self._elementwise(device, op, a, b)
-                return self._matmul(device, a, b, options)
-
-            return self._retry_after_trim(device, attempt) if retry else attempt()
+            if retry:
+                return self._retry_after_trim(
+                    device, lambda: self._attempt(device, op, a, b, options)
+                )
+            return self._attempt(device, op, a, b, options)
         finally:
             with self._lock:
                 device.in_flight -= 1
+
+    def _attempt(
+        self, device: GpuDevice, op: Op, a: np.ndarray, b: np.ndarray, options: RunOptions
+    ) -> Result:
+        if op.elementwise:
+            return self._elementwise(device, op, a, b)
+        return self._matmul(device, a, b, options)
 
     def _take_device(self, idle_only: bool = False) -> GpuDevice | None:
         """The least busy device, counted in flight until the caller's request ends. With
