@@ -81,7 +81,8 @@ class Settings(BaseSettings):
         False,
         description="On the CUDA C backend, launch tiny elementwise work from the event loop "
         "and answer when the GPU reports it done (false: wait for the GPU on the loop). Off "
-        "by default: no faster than waiting on H100 machines (docs/benchmarks.md, 2026-12-07).",
+        "by default: no faster than waiting on H100 machines (docs/benchmarks.md, 2026-12-07), "
+        "and it puts arrays of at most 32 KiB in pinned blocks, dearer for them than plain memory.",
     )
     native_uploads: bool = Field(
         True,

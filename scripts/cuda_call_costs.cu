@@ -1,0 +1,104 @@
+// On a GPU machine: what the CUDA calls of a small request cost (host clock, median of 20,000):
+// the runtime calls gms_elementwise_zero_copy makes, a launch and its wait, and a 16 KiB float32
+// add three ways (pinned host memory in place, through staging copies, and one DMA each way
+// around a kernel on device memory). docs/benchmarks.md has the figures.
+//
+//   nvcc -O2 -arch=sm_90 -o /tmp/cuda_call_costs scripts/cuda_call_costs.cu && /tmp/cuda_call_costs
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+__global__ void add(float4* out, const float4* a, const float4* b, size_t n) {
+  const size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
+  if (i < n) {
+    const float4 x = a[i], y = b[i];
+    out[i] = make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
+  }
+}
+
+template <class F>
+static double median_us(F f, int reps = 20000) {
+  std::vector<double> t(reps);
+  for (int i = 0; i < 200; ++i) f();
+  for (int i = 0; i < reps; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    f();
+    t[i] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+               .count();
+  }
+  std::sort(t.begin(), t.end());
+  return t[reps / 2];
+}
+
+static void* pinned(size_t bytes) {
+  void* p = nullptr;
+  if (cudaHostAlloc(&p, bytes, cudaHostAllocPortable) != cudaSuccess) std::exit(1);
+  return p;
+}
+
+int main() {
+  if (cudaSetDevice(0) != cudaSuccess || cudaFree(0) != cudaSuccess) return 1;
+  const size_t bytes = 16384, n4 = bytes / 16;
+  const unsigned blocks = static_cast<unsigned>((n4 + 255) / 256);
+  cudaStream_t st;
+  cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+  float *ha = static_cast<float*>(pinned(bytes)), *hb = static_cast<float*>(pinned(bytes));
+  float* ho = static_cast<float*>(pinned(bytes));
+  char* stage_in = static_cast<char*>(pinned(2 * bytes));
+  char* stage_out = static_cast<char*>(pinned(bytes));
+  char *dev_in = nullptr, *dev_out = nullptr;
+  cudaMalloc(&dev_in, 2 * bytes);
+  cudaMalloc(&dev_out, bytes);
+  std::vector<float> pa(bytes / 4), pb(bytes / 4), po(bytes / 4);
+  for (size_t i = 0; i < bytes / 4; ++i) pa[i] = ha[i] = i, pb[i] = hb[i] = 2.0f * i;
+  auto* a4 = reinterpret_cast<float4*>(ha);
+  auto* b4 = reinterpret_cast<float4*>(hb);
+  auto* o4 = reinterpret_cast<float4*>(ho);
+  cudaPointerAttributes attr;
+  std::printf("cudaSetDevice (current)      %6.2f us\n", median_us([&] { cudaSetDevice(0); }));
+  std::printf("cudaGetLastError             %6.2f us\n", median_us([&] { cudaGetLastError(); }));
+  std::printf("cudaPointerGetAttributes pin %6.2f us\n",
+              median_us([&] { cudaPointerGetAttributes(&attr, ha); }));
+  std::printf("cudaPointerGetAttributes pag %6.2f us\n",
+              median_us([&] { cudaPointerGetAttributes(&attr, pa.data()); }));
+  std::printf("sync of an idle stream       %6.2f us\n",
+              median_us([&] { cudaStreamSynchronize(st); }));
+  std::printf("empty kernel + sync          %6.2f us\n", median_us([&] {
+                add<<<1, 32, 0, st>>>(o4, a4, b4, 0);
+                cudaStreamSynchronize(st);
+              }));
+  std::printf("zero copy pinned in place    %6.2f us\n", median_us([&] {
+                add<<<blocks, 256, 0, st>>>(o4, a4, b4, n4);
+                cudaStreamSynchronize(st);
+              }));
+  std::printf("zero copy via staging+memcpy %6.2f us\n", median_us([&] {
+                std::memcpy(stage_in, pa.data(), bytes);
+                std::memcpy(stage_in + bytes, pb.data(), bytes);
+                add<<<blocks, 256, 0, st>>>(reinterpret_cast<float4*>(stage_out),
+                                            reinterpret_cast<float4*>(stage_in),
+                                            reinterpret_cast<float4*>(stage_in + bytes), n4);
+                cudaStreamSynchronize(st);
+                std::memcpy(po.data(), stage_out, bytes);
+              }));
+  std::printf("one DMA in, kernel, DMA out  %6.2f us\n", median_us([&] {
+                std::memcpy(stage_in, pa.data(), bytes);
+                std::memcpy(stage_in + bytes, pb.data(), bytes);
+                cudaMemcpyAsync(dev_in, stage_in, 2 * bytes, cudaMemcpyHostToDevice, st);
+                add<<<blocks, 256, 0, st>>>(reinterpret_cast<float4*>(dev_out),
+                                            reinterpret_cast<float4*>(dev_in),
+                                            reinterpret_cast<float4*>(dev_in + bytes), n4);
+                cudaMemcpyAsync(stage_out, dev_out, bytes, cudaMemcpyDeviceToHost, st);
+                cudaStreamSynchronize(st);
+                std::memcpy(po.data(), stage_out, bytes);
+              }));
+  bool right = true;
+  for (size_t i = 0; i < bytes / 4; ++i) right &= po[i] == 3.0f * i && ho[i] == 3.0f * i;
+  const cudaError_t last = cudaGetLastError();
+  std::printf("results %s, last error: %s\n", right ? "right" : "WRONG", cudaGetErrorString(last));
+  return right && last == cudaSuccess ? 0 : 1;
+}
