@@ -49,11 +49,6 @@ enum Op : int { OP_ADD = 0, OP_SUBTRACT = 1, OP_MULTIPLY = 2 };
 static const int kMaxSlots = 3;       // chunks in flight per request (copy-in, compute, copy-out)
 static const int kStagingBuffers = 4;  // pinned buffers that pageable inputs pass through
 static const size_t kStagingBytes = 8u << 20;
-// The zero-copy path stages host memory of at most this many bytes without asking the driver
-// whether it is pinned (cudaPointerGetAttributes, three a request): copying it costs about
-// as little, and the service gives arrays this small from plain memory anyway
-// (PAGEABLE_HOST_BYTES in backend.py), which the staging copy is for.
-static const size_t kAlwaysStagedBytes = 32u << 10;
 static const int kThreads = 256;
 
 // ---------------------------------------------------------------------------------------------
@@ -599,13 +594,10 @@ static int check_small_elementwise(const char* function, void* handle, int op, i
 }
 
 // Where the kernel can reach host memory `p` of `bytes` bytes: `p` itself when it is pinned
-// (with unified addressing a pinned pointer is valid on the device), 16-byte aligned and over
-// kAlwaysStagedBytes, else the staging buffer `s`, into which `p`'s bytes are copied first
-// when `copy_in`.
+// (with unified addressing a pinned pointer is valid on the device) and 16-byte aligned, else
+// the staging buffer `s`, into which `p`'s bytes are copied first when `copy_in`.
 static const void* reachable(const void* p, size_t bytes, Staging& s, bool copy_in) {
-  if (bytes > kAlwaysStagedBytes && reinterpret_cast<uintptr_t>(p) % 16 == 0 && is_pinned(p)) {
-    return p;
-  }
+  if (reinterpret_cast<uintptr_t>(p) % 16 == 0 && is_pinned(p)) return p;
   if (copy_in) memcpy(s.host, p, bytes);
   return s.host;
 }
