@@ -365,3 +365,18 @@ def test_heavy_finishing_runs_off_the_event_loop_and_answers_right(monkeypatch, 
     np.testing.assert_array_equal(np.load(io.BytesIO(response.content)), a + b)
     assert [heavy for heavy, _ in finished] == [True, True]
     assert threading.get_ident() not in {thread for _, thread in finished}
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"), [(200, None), (200, {"X-Extra": "1"}), (201, None)], ids=str
+)
+def test_the_json_summarys_response_has_starlettes_headers(status, headers):
+    from starlette.responses import Response
+
+    from gpu_matrix_service.routes.ops import JSONBytesResponse
+
+    body = b'{"matrix_shape":[2,3],"device":"CPU"}'
+    ours = JSONBytesResponse(body, status, headers)
+    starlettes = Response(body, status, headers, media_type="application/json")
+    assert ours.raw_headers == starlettes.raw_headers
+    assert ours.body == body and ours.status_code == status

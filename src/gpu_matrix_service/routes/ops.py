@@ -309,8 +309,11 @@ class JSONBytesResponse(Response):
     media_type = "application/json"
 
     def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
-        """Content-Length and Content-Type; the answer has no other headers."""
-        assert headers is None
+        """Content-Length and Content-Type, as Starlette would set them for a 200 with no
+        other headers; anything else is Starlette's to set."""
+        if headers is not None or self.status_code != 200:
+            super().init_headers(headers)
+            return
         self.raw_headers = [
             (b"content-length", str(len(self.body)).encode("latin-1")),
             (b"content-type", b"application/json"),
