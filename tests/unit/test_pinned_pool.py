@@ -35,10 +35,10 @@ class FakePinning:
         del self.pinned[block.ctypes.data]
 
 
-def pool_for(pinning: FakePinning, cached: int = 1 << 20) -> PinnedArrayPool:
+def pool_for(pinning: FakePinning, cached: int = 1 << 20, pageable: int = 0) -> PinnedArrayPool:
     return PinnedArrayPool(
         pinning.pin, pinning.unpin, size_class=lambda n: -(-n // 1024) * 1024,
-        max_cached_bytes=cached, pin_errors=(PinFailed,),
+        max_cached_bytes=cached, pin_errors=(PinFailed,), pageable_bytes=pageable,
     )  # fmt: skip
 
 
@@ -61,10 +61,7 @@ def test_a_failed_pin_unpins_the_cache_and_retries_then_falls_back_to_pageable()
 
 def test_arrays_of_at_most_pageable_bytes_are_plain_memory_and_larger_ones_pinned():
     pinning = FakePinning(capacity=1 << 20)
-    pool = PinnedArrayPool(
-        pinning.pin, pinning.unpin, size_class=lambda n: -(-n // 1024) * 1024,
-        max_cached_bytes=1 << 20, pin_errors=(PinFailed,), pageable_bytes=4096,
-    )  # fmt: skip
+    pool = pool_for(pinning, pageable=4096)
     plain = pool.empty((64, 16), np.float32)  # 4096 bytes
     assert not pinned.in_pinned_block(plain) and pinning.pinned == {}
     assert plain.shape == (64, 16) and plain.dtype == np.float32 and plain.flags.c_contiguous

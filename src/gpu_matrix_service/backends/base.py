@@ -146,6 +146,8 @@ LoadT = TypeVar("LoadT", bound=DeviceLoad)
 def least_busy_device(devices: Sequence[LoadT]) -> LoadT:
     """The device with the fewest requests in flight; ties go to the one that served fewest,
     so idle devices take turns (both GPU backends place requests this way)."""
+    if len(devices) == 1:  # one GPU, nothing to choose: once per small request, kept short
+        return devices[0]
     return min(devices, key=lambda device: (device.in_flight, device.served))
 
 
@@ -153,16 +155,11 @@ def take_device(devices: Sequence[LoadT], idle_only: bool = False) -> LoadT | No
     """The least busy of ``devices``, counted in flight (the caller holds its backend's lock
     and gives the place back when the request ends). With ``idle_only``, only a device with
     nothing in flight, its ``first`` lock taken for the caller to release; else None."""
-    if len(devices) == 1:  # one GPU, nothing to choose: once per small request, kept short
-        device = devices[0]
-        if idle_only and device.in_flight:
+    if idle_only:
+        devices = [device for device in devices if device.in_flight == 0]
+        if not devices:
             return None
-    else:
-        if idle_only:
-            devices = [device for device in devices if device.in_flight == 0]
-            if not devices:
-                return None
-        device = least_busy_device(devices)
+    device = least_busy_device(devices)
     if idle_only and not device.first.acquire(blocking=False):
         return None
     device.in_flight += 1
