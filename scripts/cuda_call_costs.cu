@@ -1,12 +1,15 @@
 // On a GPU machine: what the CUDA calls of a small request cost (host clock, median of 20,000):
 // the runtime calls gms_elementwise_zero_copy makes, a launch and its wait, and a 16 KiB float32
 // add three ways (pinned host memory in place, through staging copies, and one DMA each way
-// around a kernel on device memory). docs/benchmarks.md has the figures.
+// around a kernel on device memory); then what launching without waiting would cost the caller
+// (the host side of a launch, an event record and query, a stream callback) and how soon each
+// way of learning that a kernel finished sees it. docs/benchmarks.md has the figures.
 //
 //   nvcc -O2 -arch=sm_90 -o /tmp/cuda_call_costs scripts/cuda_call_costs.cu && /tmp/cuda_call_costs
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +22,37 @@ __global__ void add(float4* out, const float4* a, const float4* b, size_t n) {
     const float4 x = a[i], y = b[i];
     out[i] = make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
   }
+}
+
+// Writes the add, then flag[0] = 1 once every thread of the (single) block has written.
+__global__ void add_then_flag(float4* out, const float4* a, const float4* b, size_t n,
+                              volatile int* flag) {
+  for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float4 x = a[i], y = b[i];
+    out[i] = make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = 1;
+}
+
+static std::atomic<int> g_called{0};
+static void CUDART_CB on_done(cudaStream_t, cudaError_t, void*) { g_called.store(1); }
+
+// The median host time of timed(), with untimed() after each (not counted).
+template <class F, class G>
+static double median_split_us(F timed, G untimed, int reps = 20000) {
+  std::vector<double> t(reps);
+  for (int i = 0; i < 200; ++i) timed(), untimed();
+  for (int i = 0; i < reps; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    timed();
+    t[i] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+               .count();
+    untimed();
+  }
+  std::sort(t.begin(), t.end());
+  return t[reps / 2];
 }
 
 template <class F>
@@ -95,6 +129,45 @@ int main() {
                 cudaMemcpyAsync(stage_out, dev_out, bytes, cudaMemcpyDeviceToHost, st);
                 cudaStreamSynchronize(st);
                 std::memcpy(po.data(), stage_out, bytes);
+              }));
+  // Launching without waiting: what the caller's thread spends, and how soon it can know.
+  auto sync = [&] { cudaStreamSynchronize(st); };
+  cudaEvent_t ev;
+  cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+  std::printf("launch only (host side)      %6.2f us\n", median_split_us([&] {
+                add<<<blocks, 256, 0, st>>>(o4, a4, b4, n4);
+              }, sync));
+  std::printf("cudaEventRecord              %6.2f us\n",
+              median_split_us([&] { cudaEventRecord(ev, st); }, sync));
+  std::printf("cudaEventQuery (done)        %6.2f us\n",
+              median_us([&] { cudaEventQuery(ev); }));
+  std::printf("cudaStreamQuery (idle)       %6.2f us\n", median_us([&] { cudaStreamQuery(st); }));
+  std::printf("cudaStreamAddCallback        %6.2f us\n", median_split_us([&] {
+                cudaStreamAddCallback(st, on_done, nullptr, 0);
+              }, sync));
+  std::printf("add, then spin on its event  %6.2f us\n", median_us([&] {
+                add<<<blocks, 256, 0, st>>>(o4, a4, b4, n4);
+                cudaEventRecord(ev, st);
+                while (cudaEventQuery(ev) == cudaErrorNotReady) {
+                }
+              }));
+  std::printf("add, then its callback seen  %6.2f us\n", median_split_us([&] {
+                g_called.store(0);
+                add<<<blocks, 256, 0, st>>>(o4, a4, b4, n4);
+                cudaStreamAddCallback(st, on_done, nullptr, 0);
+                while (g_called.load() == 0) {
+                }
+              }, sync));
+  int* flag = static_cast<int*>(pinned(sizeof(int)));
+  std::printf("add, then spin on a flag     %6.2f us\n", median_split_us([&] {
+                *reinterpret_cast<volatile int*>(flag) = 0;
+                add_then_flag<<<1, 1024, 0, st>>>(o4, a4, b4, n4, flag);
+                while (*reinterpret_cast<volatile int*>(flag) == 0) {
+                }
+              }, sync));
+  std::printf("same add (1 block) + sync    %6.2f us\n", median_us([&] {
+                add_then_flag<<<1, 1024, 0, st>>>(o4, a4, b4, n4, flag);
+                cudaStreamSynchronize(st);
               }));
   bool right = true;
   for (size_t i = 0; i < bytes / 4; ++i) right &= po[i] == 3.0f * i && ho[i] == 3.0f * i;
