@@ -57,16 +57,7 @@ static double median_split_us(F timed, G untimed, int reps = 20000) {
 
 template <class F>
 static double median_us(F f, int reps = 20000) {
-  std::vector<double> t(reps);
-  for (int i = 0; i < 200; ++i) f();
-  for (int i = 0; i < reps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    f();
-    t[i] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
-               .count();
-  }
-  std::sort(t.begin(), t.end());
-  return t[reps / 2];
+  return median_split_us(f, [] {}, reps);
 }
 
 static void* pinned(size_t bytes) {
